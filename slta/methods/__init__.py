@@ -1,0 +1,89 @@
+"""Registry of merge methods.
+
+Two kinds of method exist:
+
+* data-free methods (task_arithmetic, linear, ties, dare, ...) merge one tensor at a time
+  from the base tensor and the T fine-tuned tensors. They implement :class:`TensorMethod`
+  and the streaming driver (``slta.merge``) feeds them tensor by tensor.
+* data-driven methods (``slta``, ``regmean``) need calibration data and a streamed base
+  forward pass; the driver runs them through their own code paths and they are only
+  registered here by name so that config validation knows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# fn(name, base, tuned, model_params, params, seed) -> merged tensor (float32, base's shape)
+#   name:         tensor name, e.g. "model.layers.3.mlp.up_proj.weight" (DARE derives its RNG from it)
+#   base, tuned:  float32 tensors on the compute device; tuned is a list of T tensors
+#   model_params: per-model parameters resolved for this tensor (e.g. {"weight": 0.5, "density": 0.2})
+#   params:       method-level parameters resolved for this tensor (e.g. {"lambda": 1.0, "normalize": False})
+#   seed:         the config's seed
+TensorFn = Callable[[str, torch.Tensor, list[torch.Tensor], list[dict[str, Any]], dict[str, Any], int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    # For data-free methods: the per-tensor function. None for data-driven ones.
+    tensor_fn: TensorFn | None
+    # Accepted parameter names with defaults; "required" marks parameters without a default.
+    model_params: dict[str, Any] = field(default_factory=dict)
+    method_params: dict[str, Any] = field(default_factory=dict)
+    needs_base: bool = True
+    needs_data: bool = False
+    aliases: tuple[str, ...] = ()
+    reference: str = ""
+
+
+REQUIRED = object()  # marker for a parameter with no default
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    for key in (method.name, *method.aliases):
+        if key in _REGISTRY:
+            raise ValueError(f"merge method {key!r} registered twice")
+        _REGISTRY[key] = method
+    return method
+
+
+def get(name: str) -> Method:
+    if name not in _REGISTRY:
+        from difflib import get_close_matches
+
+        close = get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise KeyError(f"unknown merge_method {name!r}{hint}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# Importing the method modules registers them.
+from slta.methods import linear, task_arithmetic  # noqa: E402,F401
+
+# Data-driven methods: implemented by the driver (slta.merge / slta.methods.regmean).
+register(
+    Method(
+        name="slta",
+        tensor_fn=None,
+        needs_data=True,
+        method_params={
+            "granularity": "attn_mlp",
+            "num_samples": 30,
+            "balance": True,
+            "max_length": 2048,
+            "batch_size": 8,
+            "inputs": "base",
+        },
+        reference="Dai et al., Leveraging Submodule Linearity Enhances Task Arithmetic Performance in LLMs, ICLR 2025",
+    )
+)
