@@ -1,4 +1,9 @@
-"""Weight averaging (Wortsman et al., 2022): θ = Σ_t w_t θ_t / Σ_t w_t. mergekit calls it `linear`."""
+"""Weight averaging (Wortsman et al., "Model soups", ICML 2022): theta = sum_t w_t theta_t / sum_t w_t.
+
+mergekit calls it ``linear``; same parameters: per-model ``weight`` and ``normalize`` (default true).
+The base model is not used. slta differs in two small ways: ``weight`` defaults to 1 (a uniform soup;
+mergekit requires it), and weights summing to zero under ``normalize`` are an error instead of inf/NaN.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,9 @@ def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params
     for w, t in zip(weights, tuned):
         out.add_(t, alpha=w)
     if params.get("normalize", True):
-        total = sum(weights)
+        total = float(torch.tensor(weights, dtype=torch.float32).sum())  # float32, like mergekit
         if total == 0:
-            raise ValueError(f"{name}: weights sum to zero, cannot normalize")
+            raise ValueError(f"{name}: the models' weights sum to zero, cannot normalize (set normalize: false)")
         out.div_(total)
     return out
 
@@ -31,6 +36,7 @@ register(
         method_params={"normalize": True},
         needs_base=False,
         aliases=("linear",),
-        reference="Wortsman et al., Model soups, ICML 2022",
+        reference="Wortsman et al., Model soups: averaging weights of multiple fine-tuned models improves "
+                  "accuracy without increasing inference time, ICML 2022 (arXiv:2203.05482)",
     )
 )

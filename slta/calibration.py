@@ -1,0 +1,102 @@
+"""Calibration data: JSONL files -> token id lists (SPEC section 2).
+
+One sample per line, in one of three forms:
+  {"text": ...}
+  {"prompt": ..., "response": ...}    ("completion" or "answer" are accepted for "response";
+                                        the sample is prompt + response, joined as written)
+  {"messages": [{"role": ..., "content": ...}, ...]}  (rendered with the tokenizer's chat template)
+A sample is the full text the model was fine-tuned on. `num_samples` are drawn per file with
+`random.Random(seed)`: the draw depends only on the file and the seed, not on which other
+tasks are merged, so a merge of a subset of the models sees exactly the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("slta")
+
+RESPONSE_KEYS = ("response", "completion", "answer")
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+@dataclass
+class TaskSamples:
+    path: Path
+    ids: list[list[int]]  # token ids per sample
+    indices: list[int]  # line indices (0-based, among non-blank lines) of the chosen samples
+    truncated: int
+
+
+def sample_text(row: object, tokenizer, where: str) -> str:
+    if not isinstance(row, dict):
+        raise CalibrationError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "text" in row:
+        text = row["text"]
+    elif "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
+            raise CalibrationError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        else:
+            raise CalibrationError(f"{where}: 'messages' sample but the tokenizer has no chat template; "
+                                   "use {\"text\": ...} or {\"prompt\": ..., \"response\": ...}")
+    elif "prompt" in row and any(k in row for k in RESPONSE_KEYS):
+        key = next(k for k in RESPONSE_KEYS if k in row)
+        text = f"{row['prompt']}{row[key]}"
+    else:
+        raise CalibrationError(f"{where}: a sample needs 'text', 'prompt'+'response', or 'messages' "
+                               f"(found keys: {', '.join(sorted(row)) or 'none'})")
+    if not isinstance(text, str) or not text:
+        raise CalibrationError(f"{where}: empty or non-string sample text")
+    return text
+
+
+def read_jsonl(path: str | Path, label: str = "") -> list[tuple[int, object]]:
+    """(line number, parsed object) for every non-blank line; clear errors otherwise."""
+    path = Path(path)
+    who = f"{label}: " if label else ""
+    if not path.exists():
+        raise CalibrationError(f"{who}calibration file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{who}{path}:{lineno}: not valid JSON ({e.msg})") from e
+    if not rows:
+        raise CalibrationError(f"{who}calibration file {path} is empty")
+    return rows
+
+
+def load_task(path: str | Path, tokenizer, num_samples: int, seed: int, max_length: int,
+              label: str = "") -> TaskSamples:
+    rows = read_jsonl(path, label)
+    who = f"{label}: " if label else ""
+    n = len(rows)
+    chosen = sorted(random.Random(seed).sample(range(n), num_samples)) if num_samples < n else list(range(n))
+    ids, truncated = [], 0
+    for i in chosen:
+        lineno, row = rows[i]
+        text = sample_text(row, tokenizer, f"{who}{path}:{lineno}")
+        toks = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(toks) > max_length:
+            toks, truncated = toks[:max_length], truncated + 1
+        if not toks:
+            raise CalibrationError(f"{who}{path}:{lineno}: sample tokenizes to nothing")
+        ids.append(list(toks))
+    if truncated:
+        log.warning("%s%s: %d of %d samples were longer than max_length=%d tokens and were cut",
+                    who, path, truncated, len(chosen), max_length)
+    return TaskSamples(Path(path), ids, chosen, truncated)

@@ -1,0 +1,315 @@
+"""Lazy reading of Hugging Face checkpoints and streaming, atomic writing of merged ones.
+
+Reading: a checkpoint folder holds `model.safetensors`, sharded safetensors with
+`model.safetensors.index.json`, or `pytorch_model*.bin` (read with `weights_only=True`).
+Tensors are read on demand, a group at a time: a safetensors handle is opened per group
+and closed after it, because a long-lived memory map keeps every page it touched resident
+(measured: reading an 800 MB file tensor by tensor through one handle reaches 990 MB RSS,
+one handle per read stays at 240 MB).
+
+Writing: all tensor names, shapes and the output dtype are known before the merge starts
+(they are the base model's), so the shard layout and every safetensors header can be
+planned up front. Each merged tensor is then written straight to its offset in its shard
+file: nothing is buffered beyond the tensor being written. Files go to a temporary folder
+beside the output and are renamed into place only when the whole model is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+# safetensors dtype strings <-> torch dtypes
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the folder, file and tensor."""
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    key = str(name).replace("torch.", "")
+    if key not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of float32, float16, bfloat16")
+    return table[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n > size - 8:
+                raise CheckpointError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+            header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
+    if end > size:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, tensors need {end})")
+    return header
+
+
+class Checkpoint:
+    """A local Hugging Face model folder whose tensors are read lazily."""
+
+    def __init__(self, folder: str | Path, label: str | None = None):
+        self.folder = Path(folder)
+        self.label = label or str(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.label}: model folder {self.folder} does not exist")
+        self.file_of: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
+        self.format = self._index()
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _index(self) -> str:
+        f = self.folder
+        if (f / SAFE_INDEX).exists():
+            files = sorted(set(self._read_index(f / SAFE_INDEX).values()))
+            fmt = "safetensors"
+        elif (f / "model.safetensors").exists():
+            files, fmt = ["model.safetensors"], "safetensors"
+        elif (f / BIN_INDEX).exists():
+            files, fmt = sorted(set(self._read_index(f / BIN_INDEX).values())), "bin"
+        elif (f / "pytorch_model.bin").exists():
+            files, fmt = ["pytorch_model.bin"], "bin"
+        else:
+            raise CheckpointError(
+                f"{self.label}: no model.safetensors, {SAFE_INDEX}, pytorch_model.bin or {BIN_INDEX} in {f}")
+        for name in files:
+            path = f / name
+            if not path.exists():
+                raise CheckpointError(f"{self.label}: shard {path} listed in the index is missing")
+            if fmt == "safetensors":
+                for key, meta in _read_safetensors_header(path).items():
+                    self._add(key, path, tuple(meta["shape"]), _ST_DTYPES.get(meta["dtype"]), meta["dtype"])
+            else:
+                for key, t in self._load_bin(path).items():
+                    self._add(key, path, tuple(t.shape), t.dtype, str(t.dtype))
+        return fmt
+
+    def _add(self, key: str, path: Path, shape: tuple[int, ...], dtype: torch.dtype | None, raw: str) -> None:
+        if dtype is None:
+            raise CheckpointError(f"{self.label}: tensor {key} in {path.name} has unsupported dtype {raw}")
+        if key in self.file_of:
+            raise CheckpointError(f"{self.label}: tensor {key} appears in both {self.file_of[key].name} and {path.name}")
+        self.file_of[key], self.shapes[key], self.dtypes[key] = path, shape, dtype
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            return json.loads(path.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{self.label}: unreadable index {path} ({e})") from e
+
+    def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
+        # Pickle checkpoints are only ever read with weights_only=True (no code execution);
+        # mmap keeps them lazy like safetensors.
+        if path not in self._bin_cache:
+            try:
+                self._bin_cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
+                raise CheckpointError(f"{self.label}: cannot read {path} with weights_only=True ({e})") from e
+        return self._bin_cache[path]
+
+    # -- access ------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def nbytes(self) -> int:
+        return sum(math.prod(s) * _itemsize(self.dtypes[k]) for k, s in self.shapes.items())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read several tensors, opening each file once for the group (see module docstring)."""
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if n not in self.file_of:
+                raise CheckpointError(f"{self.label}: tensor {n} is missing")
+            by_file.setdefault(self.file_of[n], []).append(n)
+        for path, keys in by_file.items():
+            if self.format == "bin":
+                sd = self._load_bin(path)
+                for k in keys:
+                    out[k] = sd[k].clone()
+                continue
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for k in keys:
+                        out[k] = f.get_tensor(k)
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+                raise CheckpointError(f"{self.label}: cannot read tensor {keys[0]} from {path} ({e})") from e
+        return out
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, reading only those bytes (for huge embeddings)."""
+        path = self.file_of[name]
+        if self.format == "bin":
+            return self._load_bin(path)[name][start:stop].clone()
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_slice(name)[start:stop]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or an int of bytes -> bytes (Hugging Face's convention: GB = 1e9)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+class ShardedWriter:
+    """Writes a planned set of tensors into safetensors shards, each tensor straight to its offset.
+
+    `plan` is the ordered list of (name, shape); every tensor is written in `dtype`.
+    Call `write(name, tensor)` once per name in any order, then `finish()`.
+    """
+
+    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                 max_shard_size: int, metadata: dict[str, str] | None = None):
+        self.folder, self.dtype = Path(folder), dtype
+        item = _itemsize(dtype)
+        shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for name, shape in plan:
+            n = math.prod(shape) * item
+            if shards[-1] and size + n > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, shape))
+            size += n
+        total = len(shards)
+        self.shapes = dict(plan)
+        self.files: list[Path] = []
+        self.where: dict[str, tuple[int, int, int]] = {}  # name -> (shard index, byte offset, nbytes)
+        self.weight_map: dict[str, str] = {}
+        self._handles = []
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+            offset = 0
+            for name, shape in shard:
+                n = math.prod(shape) * item
+                header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+                offset += n
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+            start = 8 + len(blob)
+            path = self.folder / fname
+            fh = open(path, "wb")
+            fh.write(struct.pack("<Q", len(blob)) + blob)
+            fh.truncate(start + offset)
+            self._handles.append(fh)
+            self.files.append(path)
+            for name, shape in shard:
+                lo, hi = header[name]["data_offsets"]  # type: ignore[index]
+                self.where[name] = (i, start + lo, hi - lo)
+                self.weight_map[name] = fname
+        self.total_size = sum(n for _, _, n in self.where.values())
+        self.written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> None:
+        """Write a tensor (or a block of its leading rows, starting at `row_offset`)."""
+        shard, offset, nbytes = self.where[name]
+        shape = self.shapes[name]
+        t = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        rows = shape[0] if shape else 1
+        if tuple(t.shape) != tuple(shape) and (not shape or tuple(t.shape[1:]) != tuple(shape[1:])):
+            raise RuntimeError(f"internal error: {name} has shape {tuple(t.shape)}, planned {shape}")
+        fh = self._handles[shard]
+        fh.seek(offset + row_offset * (nbytes // max(rows, 1)))
+        fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: works for bf16 too
+        if row_offset + (t.shape[0] if t.dim() else 1) >= rows:
+            self.written.add(name)
+
+    def finish(self) -> None:
+        for fh in self._handles:
+            fh.close()
+        missing = set(self.where) - self.written
+        if missing:
+            raise RuntimeError(f"internal error: tensors never written: {sorted(missing)[:5]}")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fh in self._handles:
+            try:
+                fh.close()
+            except OSError:
+                pass
+
+
+@contextmanager
+def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; move it to `out` only if the block completes.
+
+    A crash, Ctrl-C or error leaves no `out` (and removes the temporary folder where it can).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,239 @@
+"""Streaming base forward, per-module inputs and feature differences Δf (SPEC section 3, paper A.3.3).
+
+The calibration samples of every task are run through the *base* model one decoder layer at
+a time. At layer i each module's input H_t^i is the base model's hidden state there; every
+version v = 0..T of the module (base and fine-tunes) is run on it, and for each sample x the
+Gram matrix G_x[b, c] = <Δf_b(x), Δf_c(x)> of the feature differences Δf_t = f(x; θ_t) - f(x; θ_0)
+(flattened over the sample's real tokens and hidden units; padding excluded) is accumulated in
+float64. Then the base output becomes the next layer's input. Only one layer's T+1 weight
+versions and the calibration activations are in memory at a time.
+
+Layers run through the `transformers` module classes themselves: a skeleton model lives on the
+meta device and `torch.func.functional_call` supplies one version's weights at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.func import functional_call
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from slta.architecture import Module, Plan, head_dim, skeleton
+
+
+@dataclass
+class Batch:
+    task: int
+    samples: list[int]  # global sample indices (rows of the Gram store)
+    ids: torch.Tensor  # (b, s), right-padded
+    valid: torch.Tensor  # (b, s) bool: real tokens
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, object]  # attention mask per layer type ("full_attention", "sliding_attention")
+    h: torch.Tensor | None = None  # base hidden state entering the current layer
+    # model granularity: every version's own hidden state
+    hv: list[torch.Tensor] = field(default_factory=list)
+
+
+def layer_type(config, i: int) -> str:
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) and config.model_type == "mistral" \
+        else "full_attention"
+
+
+class Runner:
+    """Runs a layer's submodules with any version's weights."""
+
+    def __init__(self, plan: Plan, device: torch.device, dtype: torch.dtype):
+        self.plan, self.config, self.device, self.dtype = plan, plan.config, device, dtype
+        self.model = skeleton(self.config)
+        rotary_cls = type(self.model.model.rotary_emb)
+        with torch.device("cpu"):
+            self.rotary = rotary_cls(config=self.config).to(device)  # real inv_freq buffers
+
+    def layer(self, i: int) -> torch.nn.Module:
+        return self.model.model.layers[i]
+
+    # -- batches --------------------------------------------------------------------------------
+    def make_batches(self, tasks: list[list[list[int]]], batch_size: int) -> list[Batch]:
+        """Right-padded batches, never mixing tasks (so a subset merge computes the same numbers)."""
+        batches, offset = [], 0
+        types = {layer_type(self.config, i) for i in range(self.config.num_hidden_layers)}
+        for t, samples in enumerate(tasks):
+            order = sorted(range(len(samples)), key=lambda j: -len(samples[j]))  # less padding
+            for k in range(0, len(order), batch_size):
+                chunk = order[k:k + batch_size]
+                s = max(len(samples[j]) for j in chunk)
+                ids = torch.zeros(len(chunk), s, dtype=torch.long)
+                valid = torch.zeros(len(chunk), s, dtype=torch.bool)
+                for r, j in enumerate(chunk):
+                    ids[r, :len(samples[j])] = torch.tensor(samples[j])
+                    valid[r, :len(samples[j])] = True
+                ids, valid = ids.to(self.device), valid.to(self.device)
+                pos = torch.arange(s, device=self.device)[None]
+                dummy = torch.empty(len(chunk), s, self.config.hidden_size, device=self.device, dtype=self.dtype)
+                masks = {}
+                kw = dict(config=self.config, inputs_embeds=dummy, attention_mask=valid.long(),
+                          past_key_values=None, position_ids=pos)
+                if "full_attention" in types:
+                    masks["full_attention"] = create_causal_mask(**kw)
+                if "sliding_attention" in types:
+                    masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+                batches.append(Batch(t, [offset + j for j in chunk], ids, valid, pos,
+                                     self.rotary(dummy, pos), masks))
+            offset += len(samples)
+        return batches
+
+    # -- submodule calls -------------------------------------------------------------------------
+    def _attn_kwargs(self, i: int, batch: Batch) -> dict:
+        return dict(attention_mask=batch.masks[layer_type(self.config, i)],
+                    position_embeddings=batch.position_embeddings, position_ids=batch.position_ids)
+
+    def layer_out(self, i: int, p: dict[str, torch.Tensor], h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        out = functional_call(self.layer(i), p, (h,), self._attn_kwargs(i, batch))
+        return out[0] if isinstance(out, tuple) else out
+
+    def attn_out(self, i: int, p: dict[str, torch.Tensor], h: torch.Tensor, batch: Batch,
+                 norm: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Attention block output (input norm + self-attention), before the residual add.
+        `norm` overrides the input norm's weights (heads use the base's)."""
+        layer = self.layer(i)
+        x = functional_call(layer.input_layernorm, norm or sub(p, "input_layernorm."), (h,))
+        return functional_call(layer.self_attn, sub(p, "self_attn."), (x,), self._attn_kwargs(i, batch))[0]
+
+    def mlp_out(self, i: int, p: dict[str, torch.Tensor], m: torch.Tensor) -> torch.Tensor:
+        layer = self.layer(i)
+        x = functional_call(layer.post_attention_layernorm, sub(p, "post_attention_layernorm."), (m,))
+        return functional_call(layer.mlp, sub(p, "mlp."), (x,))
+
+    def o_proj_input(self, i: int, p: dict[str, torch.Tensor], base: dict[str, torch.Tensor], h: torch.Tensor,
+                     batch: Batch) -> torch.Tensor:
+        """Per-head attention outputs (o_proj's input) with version p's q/k/v/o and the base's
+        input norm and q/k norms: a head's features change only with its own rows (SPEC 3)."""
+        mixed = dict(p)
+        for k in base:
+            if "norm" in k:
+                mixed[k] = base[k]
+        captured: list[torch.Tensor] = []
+        hook = self.layer(i).self_attn.o_proj.register_forward_pre_hook(lambda mod, args: captured.append(args[0]))
+        try:
+            self.attn_out(i, mixed, h, batch)
+        finally:
+            hook.remove()
+        return captured[0]
+
+
+def sub(p: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
+
+
+class GramStore:
+    """Per-module, per-sample Gram matrices G_x (N, T, T), float64 (the sufficient statistic)."""
+
+    def __init__(self, modules: list[str], num_samples: int, T: int, device: torch.device):
+        self.g = {m: torch.zeros(num_samples, T, T, dtype=torch.float64, device=device) for m in modules}
+
+    def add(self, module: str, feats: list[torch.Tensor], batch: Batch, valid: torch.Tensor | None = None) -> None:
+        """Accumulate G from T+1 feature tensors (version 0 = base) of shape (b, s, ...)."""
+        valid = batch.valid if valid is None else valid
+        base = feats[0]
+        d = torch.stack([(f - base) for f in feats[1:]])  # (T, b, s, ...)
+        d = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1) * valid[None, :, :, None]
+        d = d.to(torch.float64).flatten(2)
+        self.g[module][batch.samples] += torch.einsum("tbk,ubk->btu", d, d)
+
+    def add_gram(self, module: str, g: torch.Tensor, samples: list[int]) -> None:
+        self.g[module][samples] += g
+
+
+def to_compute(p: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
+
+
+def layer_features(runner: Runner, i: int, modules: list[Module], versions: list[dict[str, torch.Tensor]],
+                   batches: list[Batch], store: GramStore) -> None:
+    """Accumulate the Grams of layer i's modules and advance every batch's base hidden state.
+
+    `versions[v]` maps names relative to the layer ("self_attn.q_proj.weight", ...) to version v's
+    weights on the compute device.
+    """
+    kinds = {m.kind for m in modules}
+    heads = [m for m in modules if m.kind == "attn_head"]
+    linears = [m for m in modules if m.kind == "linear"]
+    base = versions[0]
+    for batch in batches:
+        h = batch.h
+        if kinds == {"layer"}:
+            outs = [runner.layer_out(i, p, h, batch) for p in versions]
+            store.add(modules[0].name, outs, batch)
+            batch.h = outs[0]
+            continue
+        attn = [runner.attn_out(i, p, h, batch) for p in versions]
+        store.add(f"layers.{i}.attn", attn, batch)
+        m = h + attn[0]  # the base's attention residual: the MLP block's input
+        mlp = [runner.mlp_out(i, p, m) for p in versions]
+        store.add(f"layers.{i}.mlp", mlp, batch)
+        if heads:
+            _head_features(runner, i, heads, versions, h, batch, store)
+        if linears:
+            _linear_features(runner, i, linears, versions, h, m, batch, store)
+        batch.h = m + mlp[0]
+
+
+def _head_features(runner: Runner, i: int, heads: list[Module], versions: list[dict[str, torch.Tensor]],
+                   h: torch.Tensor, batch: Batch, store: GramStore) -> None:
+    """Each key/value group's contribution to o_proj's output (paper A.3.5)."""
+    cfg = runner.config
+    hd = head_dim(cfg)
+    per_group = cfg.num_attention_heads // cfg.num_key_value_heads
+    base = versions[0]
+    zs = [runner.o_proj_input(i, p, base, h, batch) for p in versions]  # (b, s, n_heads * hd)
+    for mod in heads:
+        lo, hi = mod.group * per_group * hd, (mod.group + 1) * per_group * hd
+        outs = [z[..., lo:hi] @ p["self_attn.o_proj.weight"][:, lo:hi].T for z, p in zip(zs, versions)]
+        store.add(mod.name, outs, batch)
+
+
+def _linear_features(runner: Runner, i: int, linears: list[Module], versions: list[dict[str, torch.Tensor]],
+                     h: torch.Tensor, m: torch.Tensor, batch: Batch, store: GramStore) -> None:
+    """Every nn.Linear on its base input: Δf = x (W_t - W_0)^T + (b_t - b_0)  (A.5.5; exactly linear)."""
+    inputs = capture_linear_inputs(runner, i, versions[0], h, m, batch)
+    for mod in linears:
+        x = inputs[mod.linear]
+        outs = []
+        for p in versions:
+            y = x @ p[f"{mod.linear}.weight"].T
+            if f"{mod.linear}.bias" in p:
+                y = y + p[f"{mod.linear}.bias"]
+            outs.append(y)
+        store.add(mod.name, outs, batch)
+
+
+def capture_linear_inputs(runner: Runner, i: int, base: dict[str, torch.Tensor], h: torch.Tensor,
+                          m: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    """Inputs of every nn.Linear of layer i in the base model (forward pre-hooks)."""
+    layer = runner.layer(i)
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in layer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            hooks.append(mod.register_forward_pre_hook(_capture(captured, name)))
+    try:
+        runner.attn_out(i, base, h, batch)
+        runner.mlp_out(i, base, m)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return captured
+
+
+def _capture(store: dict[str, torch.Tensor], name: str) -> Callable:
+    def hook(mod, args):
+        store[name] = args[0]
+    return hook
+

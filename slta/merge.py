@@ -1,0 +1,481 @@
+"""The streaming merge driver: checkpoint -> architecture -> calibration -> features -> solve -> write.
+
+One pass over the layers. For the closed-form method (`merge_method: slta`), each layer's T+1
+weight versions are loaded, every task's base-model inputs are pushed through each version, the
+per-sample Grams are accumulated, α is solved per module, the merged tensors are written and the
+base output becomes the next layer's input (paper Algorithm 1). Data-free methods read, merge and
+write tensor group by tensor group. Memory is bounded by one layer, never by the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import slta
+from slta import methods
+from slta.architecture import (Module, Plan, build_plan, config_differences, layer_prefix, load_config,
+                               read_config_json)
+from slta.calibration import load_task
+from slta.checkpoint import (Checkpoint, CheckpointError, ShardedWriter, atomic_output, dtype_name, parse_dtype,
+                             parse_size)
+from slta.config import ConfigError, MergeConfig, load_config as load_merge_config, method_params, model_params
+from slta.features import Batch, GramStore, Runner, layer_features, sub, to_compute
+from slta.solve import Solution, solve_module
+
+log = logging.getLogger("slta")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+ROW_BLOCK = 16384  # rows per block when streaming vocab-sized tensors
+
+
+class MergeError(ValueError):
+    """Bad input found while merging; the message names the model, file and tensor."""
+
+
+@dataclass
+class Inputs:
+    cfg: MergeConfig
+    base: Checkpoint
+    tuned: list[Checkpoint]
+    hf_config: Any
+    out_dtype: torch.dtype
+
+    @property
+    def all(self) -> list[Checkpoint]:
+        return [self.base, *self.tuned]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError(f"--device {device} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def open_inputs(cfg: MergeConfig) -> Inputs:
+    """Open and cross-check every checkpoint before any heavy work."""
+    base_path = cfg.path(cfg.base_model) if cfg.base_model else cfg.path(cfg.models[0].model)
+    base_label = f"base_model {cfg.base_model}" if cfg.base_model else f"model {cfg.models[0].model}"
+    hf = load_config(base_path, base_label, trust_remote_code=cfg.trust_remote_code)
+    base = Checkpoint(base_path, base_label)
+    tuned = []
+    for entry in cfg.models:
+        label = f"model {entry.model}"
+        c = load_config(cfg.path(entry.model), label, trust_remote_code=cfg.trust_remote_code)
+        diff = config_differences(hf, c)
+        if diff:
+            raise MergeError(f"{label}: architecture differs from {base_label}: {'; '.join(diff)}")
+        ck = Checkpoint(cfg.path(entry.model), label)
+        missing = [n for n in base.names() if n not in ck and not _tied_copy(hf, n)]
+        if missing:
+            raise MergeError(f"{label}: tensor {missing[0]} is missing ({ck.folder}) but present in {base_label}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = [n for n in ck.names() if n not in base and not _tied_copy(hf, n)]
+        if extra:
+            raise MergeError(f"{label}: extra tensor {extra[0]} in {ck.file_of[extra[0]]} not present in {base_label}")
+        for n in base.names():
+            if n in ck and ck.shapes[n] != base.shapes[n]:
+                raise MergeError(f"{label}: tensor {n} in {ck.file_of[n]} has shape {list(ck.shapes[n])}, "
+                                 f"{base_label} has {list(base.shapes[n])}")
+        tuned.append(ck)
+    out = cfg.out_dtype or cfg.dtype
+    if out is None:
+        out = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+    if out is None or str(out) == "None":
+        out = base.dtypes[next(iter(base.names()))]
+    try:
+        out_dtype = parse_dtype(out)
+    except ValueError as e:
+        raise ConfigError(f"dtype: {e}") from e
+    return Inputs(cfg, base, tuned, hf, out_dtype)
+
+
+def _tied_copy(hf, name: str) -> bool:
+    return name == "lm_head.weight" and bool(getattr(hf, "tie_word_embeddings", False))
+
+
+def load_group(ins: Inputs, names: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Read a group of tensors from the T+1 checkpoints, checking they are finite."""
+    out = []
+    for ck in ins.all:
+        group = ck.get_many(names)
+        for n, t in group.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise MergeError(f"{ck.label}: tensor {n} in {ck.file_of[n]} has {bad} non-finite values (NaN/Inf)")
+        out.append(group)
+    return out
+
+
+def layer_groups(plan: Plan) -> list[tuple[str, list[str]]]:
+    """Tensor groups in write order: ("embed", [...]), ("layer 0", [...]), ..., ("head", [...])."""
+    order = plan.tensor_order
+    groups = [("embed", [order[0]])]
+    for i in range(plan.num_layers):
+        groups.append((f"layer {i}", [n for n in order if n.startswith(layer_prefix(i))]))
+    groups.append(("head", [n for n in order[1:] if not n.startswith("model.layers.")]))
+    return groups
+
+
+# -- combining tensors with per-module α ------------------------------------------------------------
+
+def combine(name: str, base: torch.Tensor, tuned: list[torch.Tensor], parts: list, alphas: dict[str, np.ndarray],
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """θ_0 + Σ_t α_t τ_t for one tensor (or a block of its rows), α varying along sliced dims."""
+    base32 = base.to(torch.float32)
+    out = base32.clone()
+    for t, tt in enumerate(tuned):
+        coef = _coef(name, base.shape, parts, alphas, t, rows)
+        out += coef * (tt.to(torch.float32) - base32)
+    return out
+
+
+def _coef(name, shape, parts, alphas, t, rows):
+    if len(parts) == 1 and parts[0][0].dim is None:
+        return float(alphas[parts[0][1]][t])
+    dims = {p.dim for p, _ in parts}
+    if len(dims) != 1 or None in dims:
+        raise RuntimeError(f"internal error: {name} has mixed whole/sliced ownership")
+    dim = dims.pop()
+    vec = torch.full((shape[dim],), float("nan"))
+    for p, mod in parts:
+        vec[p.start:p.stop] = float(alphas[mod][t])
+    if torch.isnan(vec).any():
+        raise RuntimeError(f"internal error: {name} has slices owned by no module")
+    if dim == 0:
+        if rows is not None:
+            vec = vec[rows[0]:rows[1]]
+        return vec.reshape(-1, *([1] * (len(shape) - 1)))
+    return vec.reshape(*([1] * dim), -1, *([1] * (len(shape) - dim - 1)))
+
+
+def write_alpha_tensors(ins: Inputs, plan: Plan, writer: ShardedWriter, alphas: dict[str, np.ndarray],
+                        names: list[str], loaded: list[dict[str, torch.Tensor]] | None = None) -> None:
+    """Write merged tensors; vocab-sized ones are read and written in row blocks."""
+    parts = plan.tensor_parts()
+    for n in names:
+        if n not in parts:  # e.g. rotary inv_freq buffers in old checkpoints: copied from the base
+            writer.write(n, (loaded[0][n] if loaded else ins.base.get(n)))
+            continue
+        if loaded is not None:
+            writer.write(n, combine(n, loaded[0][n], [g[n] for g in loaded[1:]], parts[n], alphas))
+            continue
+        rows = ins.base.shapes[n][0] if ins.base.shapes[n] else 1
+        for lo in range(0, rows, ROW_BLOCK):
+            hi = min(rows, lo + ROW_BLOCK)
+            blocks = [ck.get_rows(n, lo, hi) for ck in ins.all]
+            _check_finite(ins, n, blocks)
+            writer.write(n, combine(n, blocks[0], blocks[1:], parts[n], alphas, (lo, hi)), row_offset=lo)
+
+
+def _check_finite(ins: Inputs, name: str, tensors: list[torch.Tensor]) -> None:
+    for ck, t in zip(ins.all, tensors):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise MergeError(f"{ck.label}: tensor {name} in {ck.file_of[name]} has non-finite values (NaN/Inf)")
+
+
+# -- the closed-form method -------------------------------------------------------------------------
+
+@dataclass
+class SltaResult:
+    solutions: dict[str, Solution]
+    grams: dict[str, torch.Tensor]
+    tasks: np.ndarray
+    sample_indices: list[list[int]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
+    from transformers import AutoTokenizer
+
+    cfg = ins.cfg
+    try:
+        tok = AutoTokenizer.from_pretrained(ins.base.folder, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"{ins.base.label}: cannot load its tokenizer from {ins.base.folder} ({e})") from e
+    tasks, indices = [], []
+    for entry in cfg.models:
+        ts = load_task(cfg.path(entry.data), tok, cfg.param("num_samples"), cfg.param("seed"),
+                       cfg.param("max_length"), label=f"model {entry.model}")
+        for ids in ts.ids:
+            bad = [t for t in ids if t >= ins.hf_config.vocab_size]
+            if bad:
+                raise MergeError(f"model {entry.model}: {entry.data} tokenizes to id {bad[0]} >= vocab_size "
+                                 f"{ins.hf_config.vocab_size}: the tokenizer does not match the model")
+        tasks.append(ts.ids)
+        indices.append(ts.indices)
+    return tasks, indices
+
+
+def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, device: torch.device,
+                      progress: bool = True, compute_dtype: torch.dtype = torch.float32) -> SltaResult:
+    """Stream the layers, accumulate Grams, solve α per module and (if a writer is given) write."""
+    cfg = ins.cfg
+    T = len(ins.tuned)
+    balance, rcond = cfg.param("balance"), 1e-9
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tasks, indices = calibration(ins)
+    timings["calibration"] = time.perf_counter() - t0
+    runner = Runner(plan, device, compute_dtype)
+    batches = runner.make_batches(tasks, cfg.param("batch_size"))
+    N = sum(len(t) for t in tasks)
+    task_of = np.concatenate([np.full(len(t), k, dtype=np.int64) for k, t in enumerate(tasks)])
+    store = GramStore([m.name for m in plan.modules], N, T, device)
+    sols: dict[str, Solution] = {}
+    alphas: dict[str, np.ndarray] = {}
+    model_level = plan.granularity == "model"
+    tied = plan.tied
+
+    def solve(name: str) -> None:
+        sols[name] = solve_module(store.g[name].cpu().numpy(), task_of, balance, rcond=rcond)
+        alphas[name] = sols[name].alpha
+
+    groups = layer_groups(plan)
+    bar = tqdm(groups, desc="slta: layers", disable=not progress, unit="layer")
+    t_feat = time.perf_counter()
+    for label, group in bar:
+        bar.set_postfix_str(label)
+        if label == "embed":
+            embed_stage(ins, plan, runner, batches, store, model_level)
+            if not model_level and not tied:
+                solve("embed")
+                if writer:
+                    write_alpha_tensors(ins, plan, writer, alphas, group)
+        elif label == "head":
+            head_stage(ins, plan, runner, batches, store, model_level)
+            finals = ["model"] + ([] if tied else ["lm_head"]) if model_level else (["embed_head"] if tied else ["head"])
+            for name in finals:
+                solve(name)
+            if writer and not model_level:
+                write_alpha_tensors(ins, plan, writer, alphas, ([plan.tensor_order[0]] if tied else []) + group)
+        else:
+            i = int(label.split()[1])
+            loaded = load_group(ins, group)
+            versions = [to_compute(sub(g, layer_prefix(i)), device, compute_dtype) for g in loaded]
+            if model_level:
+                for batch in batches:
+                    batch.hv = [runner.layer_out(i, p, h, batch) for p, h in zip(versions, batch.hv)]
+            else:
+                layer_features(runner, i, plan.layer_modules(i), versions, batches, store)
+                for m in plan.layer_modules(i):
+                    solve(m.name)
+                if writer:
+                    write_alpha_tensors(ins, plan, writer, alphas, group, loaded)
+            del loaded, versions
+    timings["features_and_solve"] = time.perf_counter() - t_feat
+    if model_level and writer:  # α is known only now: a second pass writes every tensor
+        t_w = time.perf_counter()
+        for label, group in tqdm(groups, desc="slta: writing", disable=not progress, unit="layer"):
+            if label == "embed" or label == "head":
+                write_alpha_tensors(ins, plan, writer, alphas, group)
+            else:
+                write_alpha_tensors(ins, plan, writer, alphas, group, load_group(ins, group))
+        timings["write"] = time.perf_counter() - t_w
+    return SltaResult(sols, {k: v.cpu() for k, v in store.g.items()}, task_of, indices, timings)
+
+
+def embed_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore,
+                model_level: bool) -> None:
+    """Embedding rows, read in row blocks: Δf = E_t[ids] - E_0[ids]; sets each batch's base input."""
+    name = plan.tensor_order[0]
+    vocab, hidden = ins.base.shapes[name]
+    dev, dt = runner.device, runner.dtype
+    T1 = len(ins.all)
+    for b in batches:
+        b.h = torch.zeros(*b.ids.shape, hidden, device=dev, dtype=dt)
+        if model_level:
+            b.hv = [torch.zeros_like(b.h) for _ in range(T1)]
+    module = "model" if model_level else ("embed_head" if plan.tied else "embed")
+    for lo in range(0, vocab, ROW_BLOCK):
+        hi = min(vocab, lo + ROW_BLOCK)
+        blocks = [ck.get_rows(name, lo, hi).to(dev, dt) for ck in ins.all]
+        _check_finite(ins, name, blocks)
+        for b in batches:
+            sel = (b.ids >= lo) & (b.ids < hi) & b.valid
+            if not sel.any():
+                continue
+            local = (b.ids - lo).clamp(0, hi - lo - 1)
+            rows = [blk[local] * sel[..., None] for blk in blocks]
+            b.h += rows[0]
+            if model_level:
+                for v in range(T1):
+                    b.hv[v] += rows[v]
+            else:
+                store.add(module, rows, b, valid=sel)
+    if model_level:
+        for b in batches:
+            b.h = b.hv[0]
+
+
+def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore,
+               model_level: bool) -> None:
+    """Output head features: logits = lm_head(norm(h)), vocab in row blocks (the Gram is a sum over
+    vocabulary blocks, so the full logits never exist). Model level: final hidden states (+ logits when tied)."""
+    dev, dt = runner.device, runner.dtype
+    norm_mod = runner.model.model.norm
+    norms = [ {"weight": ck.get("model.norm.weight").to(dev, dt)} for ck in ins.all]
+    _check_finite(ins, "model.norm.weight", [n["weight"] for n in norms])
+    from torch.func import functional_call
+
+    weight = "model.embed_tokens.weight" if plan.tied else "lm_head.weight"
+    if model_level:
+        finals = {id(b): [functional_call(norm_mod, n, (h,)) for n, h in zip(norms, b.hv)] for b in batches}
+        for b in batches:
+            store.add("model", finals[id(b)], b)
+        module = "model" if plan.tied else "lm_head"
+        # untied lm_head is its own module, on the base's normalised final hidden states
+        xs = {id(b): (finals[id(b)] if plan.tied else [finals[id(b)][0]] * len(ins.all)) for b in batches}
+    else:
+        module = "embed_head" if plan.tied else "head"
+        xs = {id(b): [functional_call(norm_mod, n, (b.h,)) for n in norms] for b in batches}
+    vocab = ins.base.shapes[weight][0]
+    for lo in range(0, vocab, ROW_BLOCK):
+        hi = min(vocab, lo + ROW_BLOCK)
+        blocks = [ck.get_rows(weight, lo, hi).to(dev, dt) for ck in ins.all]
+        _check_finite(ins, weight, blocks)
+        for b in batches:
+            store.add(module, [x @ w.T for x, w in zip(xs[id(b)], blocks)], b)
+
+
+# -- data-free methods ------------------------------------------------------------------------------
+
+def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device, progress: bool = True) -> None:
+    cfg = ins.cfg
+    method = cfg.method()
+    mparams = method_params(cfg)
+    per_model = [model_params(cfg, i) for i in range(len(cfg.models))]
+    seed = int(mparams.get("seed", 0))
+    groups = layer_groups(plan)
+    for label, group in tqdm(groups, desc=f"{method.name}: layers", disable=not progress, unit="layer"):
+        loaded = load_group(ins, group)
+        for n in group:
+            base = loaded[0][n].to(device, torch.float32)
+            tuned = [g[n].to(device, torch.float32) for g in loaded[1:]]
+            merged = method.tensor_fn(n, base, tuned, per_model, mparams, seed)
+            if not torch.isfinite(merged).all():
+                raise MergeError(f"{method.name} produced non-finite values for tensor {n}")
+            writer.write(n, merged)
+        del loaded
+
+
+# -- the whole command ------------------------------------------------------------------------------
+
+def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrite: bool = False,
+              device: str = "cpu", shard_size: str | int = "5GB", progress: bool = True,
+              save_stats: bool = True) -> Path:
+    """`slta merge CONFIG -o OUT`: run the merge the config describes and write a Hugging Face folder."""
+    started = time.perf_counter()
+    cfg = load_merge_config(config)
+    dev = resolve_device(device)
+    ins = open_inputs(cfg)
+    method = cfg.method()
+    granularity = cfg.param("granularity") if method.name == "slta" else "layer"
+    plan = build_plan(ins.hf_config, ins.base.names(), granularity)
+    out = Path(out)
+    report: dict[str, Any] = {"method": method.name}
+    with atomic_output(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
+                               parse_size(shard_size))
+        try:
+            if method.name == "slta":
+                res = solve_closed_form(ins, plan, writer, dev, progress)
+                report.update(slta_report(cfg, plan, res))
+                if save_stats:
+                    write_stats(tmp / "slta_stats.safetensors", cfg, ins, plan, res)
+            elif method.tensor_fn is not None:
+                merge_data_free(ins, plan, writer, dev, progress)
+            else:
+                raise ConfigError(f"merge_method {method.name!r} cannot run through slta merge yet")
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        report["timings"] = {**report.get("timings", {}), "total": time.perf_counter() - started}
+        finish_folder(tmp, ins, cfg, report)
+    return out
+
+
+def finish_folder(tmp: Path, ins: Inputs, cfg: MergeConfig, report: dict[str, Any]) -> None:
+    """config.json (dtype updated), tokenizer and generation files, report and model card."""
+    if cfg.tokenizer_source not in (None, "base"):
+        raise ConfigError(f"tokenizer_source: only 'base' is supported, got {cfg.tokenizer_source!r}")
+    conf = read_config_json(ins.base.folder)
+    conf["dtype"] = dtype_name(ins.out_dtype)
+    conf.pop("torch_dtype", None)
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (ins.base.folder / name).exists():
+            shutil.copy2(ins.base.folder / name, tmp / name)
+    full = {
+        "slta_version": slta.__version__,
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
+                     "safetensors": _version("safetensors"), "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "config": cfg.model_dump(mode="json", exclude={"root"}),
+        "base_model": str(ins.base.folder),
+        "models": [str(ck.folder) for ck in ins.tuned],
+        "dtype": dtype_name(ins.out_dtype),
+        **report,
+    }
+    (tmp / "slta_report.json").write_text(json.dumps(full, indent=2) + "\n")
+    from slta.report import model_card
+
+    (tmp / "README.md").write_text(model_card(full))
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]:
+    return {
+        "granularity": plan.granularity,
+        "balance": cfg.param("balance"),
+        "num_samples": cfg.param("num_samples"),
+        "seed": cfg.param("seed"),
+        "samples_per_task": [len(ix) for ix in res.sample_indices],
+        "solver": {"rule": "eigen-decomposition of the symmetric PSD A: exact solve when every eigenvalue "
+                           "exceeds rcond * max; else the minimum-norm least-squares solution over the "
+                           "eigenvalues above it; A = 0 gives α = 0", "rcond": 1e-9},
+        "modules": {name: sol.to_json() for name, sol in res.solutions.items()},
+        "timings": res.timings,
+    }
+
+
+# -- saved statistics: measure once, solve many -------------------------------------------------------
+
+def write_stats(path: Path, cfg: MergeConfig, ins: Inputs, plan: Plan, res: SltaResult) -> None:
+    tensors = {f"gram/{k}": v.contiguous() for k, v in res.grams.items()}
+    tensors["tasks"] = torch.from_numpy(res.tasks)
+    meta = {
+        "base_model": str(ins.base.folder.resolve()),
+        "models": [str(ck.folder.resolve()) for ck in ins.tuned],
+        "data": [str(cfg.path(m.data).resolve()) for m in cfg.models],
+        "granularity": plan.granularity,
+        "num_samples": cfg.param("num_samples"),
+        "seed": cfg.param("seed"),
+        "max_length": cfg.param("max_length"),
+        "sample_indices": res.sample_indices,
+        "config": cfg.model_dump(mode="json", exclude={"root"}),
+        "slta_version": slta.__version__,
+    }
+    save_file(tensors, str(path), metadata={"slta": json.dumps(meta)})

@@ -1,0 +1,60 @@
+"""Model Breadcrumbs (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
+Sparse Masks", ECCV 2024, arXiv:2312.06795).
+
+Per tensor ("layer-wise" in the paper), each task vector loses its largest-magnitude entries (outliers,
+the paper's beta) and its smallest ones (negligible perturbations, the paper's gamma); the remaining
+"breadcrumbs" are merged by task arithmetic (``breadcrumbs``) or with TIES's sign election
+(``breadcrumbs_ties``). Parameterised as in mergekit: ``gamma`` is the fraction of the LARGEST
+magnitudes dropped (the paper's beta) and ``density`` the fraction kept, so the smallest
+1 - density - gamma are dropped. Defaults density 0.9, gamma 0.01: drop the top 1% and the bottom 9%.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slta.methods import Method, register
+from slta.methods.common import band_mask, combine, l1_rescale
+
+
+def _merge(base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
+           params: dict[str, Any], sign_consensus: bool) -> torch.Tensor:
+    rescale = bool(params.get("rescale", False))
+
+    def sparsify(i: int, tau: torch.Tensor):
+        p = model_params[i]
+        mask = band_mask(tau, float(p.get("density", 0.9)), float(p.get("gamma", 0.01)))
+        return mask, (l1_rescale(tau, mask) if rescale else 1.0)
+
+    return combine(
+        base, tuned, [float(p.get("weight", 1.0)) for p in model_params], sparsify,
+        sign_consensus=sign_consensus, normalize=bool(params.get("normalize", False)),
+        lam=float(params.get("lambda", 1.0)),
+    )
+
+
+def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
+          params: dict[str, Any], seed: int) -> torch.Tensor:
+    return _merge(base, tuned, model_params, params, sign_consensus=False)
+
+
+def merge_ties(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
+               params: dict[str, Any], seed: int) -> torch.Tensor:
+    return _merge(base, tuned, model_params, params, sign_consensus=True)
+
+
+_REFERENCE = ("Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, "
+              "ECCV 2024 (arXiv:2312.06795)")
+
+for _name, _fn in (("breadcrumbs", merge), ("breadcrumbs_ties", merge_ties)):
+    register(
+        Method(
+            name=_name,
+            tensor_fn=_fn,
+            model_params={"weight": 1.0, "density": 0.9, "gamma": 0.01},
+            method_params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False},
+            reference=_REFERENCE,
+        )
+    )

@@ -1,0 +1,195 @@
+"""Pieces shared by the sparsify-then-combine methods (TIES, DARE, Model Breadcrumbs).
+
+mergekit calls this family "generalized task arithmetic": each task vector tau_t = theta_t - theta_0
+is sparsified on its own (top-k by magnitude, at random, or a magnitude band), multiplied by its
+weight w_t, optionally put through TIES's sign election (Yadav et al., NeurIPS 2023), summed,
+optionally divided by the weights, scaled by lambda and added back to the base:
+
+    theta = theta_0 + lambda * sum_t w_t * m_t * s_t * tau_t   [/ sum_t w_t m_t  if normalize]
+
+with m_t the keep mask, s_t a rescale factor and, under sign election, m_t also zero where
+sign(w_t tau_t) disagrees with the elected sign. :func:`combine` implements it for one tensor,
+holding the T keep masks as booleans and at most four float copies of the tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+
+# nonzero() over a chunk of this many entries allocates at most 32 MiB of int64 indices.
+_CHUNK = 1 << 22
+
+
+def lowest_ranked(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask (same shape as ``values``) of the ``count`` entries that rank lowest.
+
+    Entries rank by value; among equal values an earlier (row-major) position ranks higher. This
+    fixed tie rule makes a top-k independent of the sort algorithm (mergekit leaves ties to
+    ``torch.argsort``, which is not stable). One ``kthvalue`` (linear time, one copy) finds the
+    threshold instead of a full argsort, whose int64 indices would cost two extra copies of a
+    float32 tensor: that matters for 70B-sized embedding matrices.
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if count <= 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if count >= n:
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    threshold = torch.kthvalue(flat, count).values
+    mask = flat < threshold
+    need = count - int(mask.sum())  # how many entries equal to the threshold still belong in
+    equal = flat == threshold
+    if need == int(equal.sum()):
+        mask |= equal
+    else:
+        # Later positions rank lower, so take the last `need` entries equal to the threshold,
+        # scanning chunk by chunk from the end so the index buffer stays small.
+        end = n
+        while need > 0:
+            start = max(0, end - _CHUNK)
+            idx = equal[start:end].nonzero().reshape(-1)
+            take = idx[idx.numel() - need:] if idx.numel() > need else idx
+            mask[start + take] = True
+            need -= take.numel()
+            end = start
+    return mask.reshape(values.shape)
+
+
+def topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Keep the ``max(1, int(density * n))`` largest |tau| (TIES "trim", Yadav et al. 2023, Sec. 3).
+
+    ``None`` means keep everything (density >= 1), as in mergekit, which also keeps at least one
+    entry of a non-empty tensor and drops everything at density <= 0.
+    """
+    n = tau.numel()
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return torch.zeros(tau.shape, dtype=torch.bool, device=tau.device)
+    k = max(1, int(density * n))
+    return ~lowest_ranked(tau.abs(), n - k)
+
+
+def band_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+    """Model Breadcrumbs mask (Davari & Belilovsky 2023): drop the largest ``gamma`` fraction of
+    |tau| (outliers) and enough of the smallest that ``density`` of the entries remain.
+
+    Counts as in mergekit: keep ``int(density * n)`` entries, drop the top ``int(gamma * n)``; when
+    the two overlap the outlier cut shrinks so that exactly ``int(density * n)`` remain.
+    """
+    if density >= 1:
+        return None
+    n = tau.numel()
+    keep = int(density * n)
+    top = int(gamma * n)
+    bottom = max(0, n - keep - top)
+    magnitude = tau.abs()
+    return lowest_ranked(magnitude, bottom + keep) & ~lowest_ranked(magnitude, bottom)
+
+
+def tensor_generator(seed: int, name: str, index: int) -> torch.Generator:
+    """A CPU generator for model ``index``'s mask of tensor ``name``.
+
+    Derived from a stable hash (blake2b, not Python's salted ``hash()``) so a merge is
+    reproducible across runs, machines and devices, and independent of the order in which the
+    driver visits tensors.
+    """
+    digest = hashlib.blake2b(f"{seed}\x00{name}\x00{index}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def random_mask(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor | None:
+    """DARE's drop mask (Yu et al., ICML 2024): keep each entry with probability ``density`` = 1 - p.
+
+    Drawn on the CPU and moved to ``tau``'s device so the same seed gives the same mask on any device.
+    """
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros(tau.shape, dtype=torch.bool, device=tau.device)
+    keep = torch.rand(tau.shape, generator=generator, dtype=torch.float32) < density
+    return keep.to(tau.device)
+
+
+def l1_rescale(tau: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | float:
+    """Factor that gives the masked tau the L1 norm of tau (mergekit's ``rescale``, RescaleNorm.l1).
+
+    Returns 1.0 when either norm is below 1e-7 (an all-zero or all-dropped task vector), as mergekit does.
+    """
+    if mask is None:
+        return 1.0
+    before = tau.abs().sum()
+    after = (tau * mask).abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return 1.0
+    return before / after
+
+
+# sparsify(index, tau) -> (keep mask or None for "keep all", rescale factor)
+Sparsify = Callable[[int, torch.Tensor], "tuple[torch.Tensor | None, torch.Tensor | float]"]
+
+
+def combine(
+    base: torch.Tensor,
+    tuned: list[torch.Tensor],
+    weights: list[float],
+    sparsify: Sparsify | None,
+    *,
+    sign_consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """Sparsify each task vector, weight, (elect signs,) sum, (normalize,) scale by lambda, add to base.
+
+    ``sparsify=None`` keeps every entry (plain task arithmetic).
+
+    Sign election is TIES's (Yadav et al. 2023, Sec. 3, "elect" and "disjoint merge") as mergekit
+    implements it: the elected sign of an entry is that of sum_t w_t tau_hat_t (a zero sum elects +);
+    an entry of model t takes part where sign(w_t tau_hat_t) equals it (zeros never do); with
+    ``normalize`` the sum is divided by the sum of the weights that take part (the weighted
+    "disjoint mean"; entries where none do stay at the base). Without sign election, ``normalize``
+    divides by sum_t w_t (left alone when |sum_t w_t| < 1e-8).
+    """
+    if not tuned:
+        return base.clone()
+
+    def sparse_tau(i: int, mask: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
+        # Same operation order as mergekit ((tau * mask) * scale) * weight, so results agree to rounding.
+        tau = tuned[i] - base
+        if mask is not None:
+            tau.mul_(mask)
+        if not (isinstance(scale, float) and scale == 1.0):
+            tau.mul_(scale)
+        return tau.mul_(weights[i])
+
+    masks: list[tuple[torch.Tensor | None, torch.Tensor | float]] = []
+    total = torch.zeros_like(base)
+    for i in range(len(tuned)):
+        mask, scale = sparsify(i, tuned[i] - base) if sparsify is not None else (None, 1.0)
+        masks.append((mask, scale))
+        total.add_(sparse_tau(i, mask, scale))
+
+    if sign_consensus:
+        positive = total >= 0  # the elected sign: + where the weighted sum is >= 0
+        total.zero_()
+        divisor = torch.zeros_like(base)
+        for i, (mask, scale) in enumerate(masks):
+            delta = sparse_tau(i, mask, scale)
+            agree = torch.where(positive, delta > 0, delta < 0)
+            total.add_(delta.mul_(agree))
+            divisor.add_(agree, alpha=weights[i])
+            del delta, agree
+        if normalize:
+            divisor[divisor == 0] = 1
+            total.div_(divisor)
+    elif normalize:
+        weight_sum = float(torch.tensor(weights, dtype=torch.float32).sum())  # float32, like mergekit
+        if abs(weight_sum) >= 1e-8:
+            total.div_(weight_sum)
+
+    if lam != 1:
+        total.mul_(lam)
+    return total.add_(base)

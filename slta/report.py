@@ -1,0 +1,58 @@
+"""Human-readable outputs: the model card written beside every merge, and report figures."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+CITATION = """@inproceedings{dai2025leveraging,
+  title     = {Leveraging Submodule Linearity Enhances Task Arithmetic Performance in {LLM}s},
+  author    = {Dai, Rui and Hu, Sile and Shen, Xu and Zhang, Yonggang and Tian, Xinmei and Ye, Jieping},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2025}
+}"""
+
+
+def alpha_summary(modules: dict[str, dict[str, Any]]) -> list[tuple[str, int, list[float], list[float], list[float]]]:
+    """Per module kind (embed, attn, mlp, head, ...): count, mean/min/max α per model."""
+    by_kind: dict[str, list[list[float]]] = defaultdict(list)
+    for name, info in modules.items():
+        parts = name.split(".")
+        kind = parts[2] if parts[0] == "layers" and len(parts) > 2 else ("layer" if parts[0] == "layers" else parts[0])
+        by_kind[kind].append(info["alpha"])
+    rows = []
+    for kind, alphas in by_kind.items():
+        a = np.array(alphas)
+        rows.append((kind, len(alphas), a.mean(0).tolist(), a.min(0).tolist(), a.max(0).tolist()))
+    return rows
+
+
+def model_card(report: dict[str, Any]) -> str:
+    method = report.get("method", "?")
+    lines = ["---", "library_name: transformers", "tags:", "- merge", f"- {method}", "- slta", "---", "",
+             f"# Merged model ({method})", "",
+             f"Merged with [slta](https://pypi.org/project/slta/) {report.get('slta_version', '')} "
+             f"using `{method}`.", "", f"- base model: `{report.get('base_model')}`"]
+    for i, m in enumerate(report.get("models", [])):
+        lines.append(f"- model {i + 1}: `{m}`")
+    lines.append(f"- dtype: `{report.get('dtype')}`")
+    if method == "slta":
+        lines += [f"- granularity: `{report.get('granularity')}`, balanced: `{report.get('balance')}`, "
+                  f"calibration samples per task: {report.get('samples_per_task')}", "",
+                  "Each submodule's merge weights α were solved in closed form (Eq. 12-14, balanced Eq. 33-34 of "
+                  "the paper) from the calibration samples, with inputs from the base model.", "",
+                  "## Merge weights α (per module kind: mean [min, max] per model)", "",
+                  "| kind | modules | " + " | ".join(f"model {i + 1}" for i in range(len(report.get('models', [])))) + " |",
+                  "|---|---|" + "---|" * len(report.get("models", []))]
+        for kind, n, mean, lo, hi in alpha_summary(report.get("modules", {})):
+            cells = " | ".join(f"{m:.3f} [{a:.3f}, {b:.3f}]" for m, a, b in zip(mean, lo, hi))
+            lines.append(f"| {kind} | {n} | {cells} |")
+        rules = [v["rule"] for v in report.get("modules", {}).values()]
+        if any(r != "exact" for r in rules):
+            lines += ["", f"{sum(r != 'exact' for r in rules)} module(s) had a singular or ill-conditioned system "
+                      "and were solved by the minimum-norm rule; see `slta_report.json`."]
+    lines += ["", "Full details (every module's α, solver diagnostics, timings, versions): `slta_report.json`.", "",
+              "## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)

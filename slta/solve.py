@@ -1,0 +1,98 @@
+"""Closed-form merge weights from per-sample Gram matrices (paper Eq. 12-14, balanced Eq. 33-34).
+
+For a module and a calibration sample x, G_x[b, c] = <Δf_b(x), Δf_c(x)> (T x T, float64) is a
+sufficient statistic: with x in task a's samples H_a,
+
+    plain     B[a, b, c] = mean_{x in H_a} G_x[b, c]                                  (Eq. 14)
+    balanced  B[a, b, c] = mean_{x in H_a} G_x[b, c] / ((1/T) sum_t G_x[t, t])        (Eq. 34)
+    A[j, k] = sum_t B[t, j, k],   b[j] = sum_t B[t, j, t],   α = A^-1 b                (Eq. 12-13)
+
+and a subset S of the models is solved by restricting G to S x S and the samples to the tasks
+in S (the balanced denominator is then the mean of the diagonal over S).
+
+A is a sum of Gram matrices, so symmetric positive semi-definite. When it is singular or
+ill-conditioned (two identical fine-tunes; a fine-tune that left the module unchanged) we use
+the minimum-norm least-squares solution: eigenvalues below `rcond * λ_max` are dropped
+(a pseudo-inverse). When A = 0 (no fine-tune changes this module's output on the calibration
+data) α = 0. The rule used, the rank and the condition number are reported; α is always finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_RCOND = 1e-9
+
+
+@dataclass
+class Solution:
+    alpha: np.ndarray
+    rule: str  # "exact" | "min-norm" | "zero"
+    rank: int
+    cond: float
+    A: np.ndarray = field(repr=False)
+    b: np.ndarray = field(repr=False)
+    skipped_samples: int = 0  # balanced: samples whose every feature difference is zero
+
+    def to_json(self) -> dict:
+        return {"alpha": [float(a) for a in self.alpha], "rule": self.rule, "rank": self.rank,
+                "cond": float(self.cond) if np.isfinite(self.cond) else None,
+                "skipped_samples": self.skipped_samples}
+
+
+def restrict(grams: np.ndarray, tasks: np.ndarray, models: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics of a subset of the models: rows/cols of G and the samples of their tasks."""
+    if models is None:
+        return grams, tasks
+    models = list(models)
+    keep = np.isin(tasks, models)
+    remap = {m: i for i, m in enumerate(models)}
+    sub = grams[keep][:, models][:, :, models]
+    return sub, np.array([remap[t] for t in tasks[keep]], dtype=np.int64)
+
+
+def objective(grams: np.ndarray, tasks: np.ndarray, balance: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """A and b of Eq. 13 from per-sample Grams (N, T, T) and each sample's task index (N,)."""
+    grams = np.asarray(grams, dtype=np.float64)
+    T = grams.shape[1]
+    skipped = 0
+    if balance:
+        denom = np.einsum("nii->n", grams) / T  # (1/T) sum_t ||Δf_t(x)||^2 (Eq. 33)
+        ok = denom > 0
+        skipped = int((~ok).sum())
+        grams = np.where(ok[:, None, None], grams / np.where(ok, denom, 1.0)[:, None, None], 0.0)
+    B = np.zeros((T, T, T))
+    for a in range(T):
+        sel = tasks == a
+        if sel.any():
+            B[a] = grams[sel].mean(axis=0)
+    A = B.sum(axis=0)
+    b = np.array([sum(B[t, j, t] for t in range(T)) for j in range(T)])
+    return A, b, skipped
+
+
+def solve_system(A: np.ndarray, b: np.ndarray, rcond: float = DEFAULT_RCOND) -> tuple[np.ndarray, str, int, float]:
+    A = (A + A.T) / 2  # exact symmetry; removes float round-off asymmetry
+    evals, evecs = np.linalg.eigh(A)
+    top = float(evals[-1]) if evals.size else 0.0
+    if top <= 0:
+        return np.zeros_like(b), "zero", 0, float("inf")
+    keep = evals > rcond * top
+    rank = int(keep.sum())
+    cond = top / float(evals[0]) if evals[0] > 0 else float("inf")
+    if rank == len(b):
+        return np.linalg.solve(A, b), "exact", rank, cond
+    inv = np.where(keep, 1.0 / np.where(keep, evals, 1.0), 0.0)
+    return evecs @ (inv * (evecs.T @ b)), "min-norm", rank, cond
+
+
+def solve_module(grams: np.ndarray, tasks: np.ndarray, balance: bool = True, models: list[int] | None = None,
+                 rcond: float = DEFAULT_RCOND) -> Solution:
+    g, t = restrict(np.asarray(grams), np.asarray(tasks), models)
+    A, b, skipped = objective(g, t, balance)
+    alpha, rule, rank, cond = solve_system(A, b, rcond)
+    if not np.all(np.isfinite(alpha)):  # cannot happen with finite Grams; guard the promise anyway
+        raise FloatingPointError(f"non-finite α {alpha} (A={A}, b={b})")
+    return Solution(alpha, rule, rank, cond, A, b, skipped)

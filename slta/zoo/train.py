@@ -1,0 +1,124 @@
+"""Plain PyTorch training loops for the zoo: pre-training on packed text, and full
+fine-tuning with the loss on response tokens only. Deterministic given the seed
+(single process, seeded generators, deterministic algorithms, fixed thread count).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+IGNORE = -100  # label value the loss skips
+
+
+def make_model(tok: PreTrainedTokenizerFast, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, max_len: int, seed: int) -> LlamaForCausalLM:
+    """A small Llama: RMSNorm, RoPE, SwiGLU, grouped-query attention, untied embeddings."""
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_len,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def train_loop(
+    model: LlamaForCausalLM,
+    get_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    steps: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float,
+    desc: str,
+    progress: bool = True,
+) -> list[float]:
+    """AdamW with linear warmup then cosine decay to 10% of lr; returns the loss per step."""
+    # No weight decay on norms (1-d tensors), as usual for Llama-style training.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
+    for step in bar:
+        input_ids, attention_mask, labels = get_batch(step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return losses
+
+
+def packed_batches(docs: list[list[int]], eos_id: int, batch: int, block: int, seed: int) -> Callable[[int], tuple]:
+    """Pre-training batches: all documents joined by </s> into one stream, random blocks."""
+    stream = torch.tensor([t for d in docs for t in (*d, eos_id)], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+
+    def get_batch(step: int) -> tuple:
+        starts = torch.randint(0, len(stream) - block - 1, (batch,), generator=gen)
+        x = torch.stack([stream[s : s + block] for s in starts])
+        return x, torch.ones_like(x), x  # HF shifts labels internally
+    return get_batch
+
+
+def encode_examples(tok: PreTrainedTokenizerFast, examples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example: <s> prompt response </s>, loss on response + </s>."""
+    prompts = tok([e["prompt"] for e in examples]).input_ids
+    responses = tok([e["response"] for e in examples], add_special_tokens=False).input_ids
+    out = []
+    for p, r in zip(prompts, responses):
+        r = r + [tok.eos_token_id]
+        out.append((p + r, [IGNORE] * len(p) + r))
+    return out
+
+
+def sft_batches(encoded: list[tuple[list[int], list[int]]], pad_id: int, batch: int, seed: int) -> Callable[[int], tuple]:
+    """Fine-tuning batches: random examples, right-padded to the longest in the batch."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def get_batch(step: int) -> tuple:
+        idx = torch.randint(0, len(encoded), (batch,), generator=gen).tolist()
+        rows = [encoded[i] for i in idx]
+        n = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((batch, n), pad_id, dtype=torch.long)
+        labels = torch.full((batch, n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((batch, n), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            mask[i, : len(ids)] = 1
+        return input_ids, mask, labels
+    return get_batch
