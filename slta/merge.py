@@ -479,3 +479,69 @@ def write_stats(path: Path, cfg: MergeConfig, ins: Inputs, plan: Plan, res: Slta
         "slta_version": slta.__version__,
     }
     save_file(tensors, str(path), metadata={"slta": json.dumps(meta)})
+
+
+def read_stats(path: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "slta_stats.safetensors"
+    if not path.exists():
+        raise MergeError(f"statistics file {path} does not exist (written by `slta merge` with merge_method: slta)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["slta"])
+            grams = {k[len("gram/"):]: f.get_tensor(k).numpy() for k in f.keys() if k.startswith("gram/")}
+            tasks = f.get_tensor("tasks").numpy()
+    except (KeyError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: not an slta statistics file ({e})") from e
+    return grams, tasks, meta
+
+
+def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = None, balance: bool | None = None,
+              overwrite: bool = False, shard_size: str | int = "5GB", dtype: str | None = None,
+              progress: bool = True) -> Path:
+    """`slta solve STATS -o OUT`: re-solve α from saved Grams for any subset of the models, plain or
+    balanced, and write the merge. No forward pass: only the T+1 checkpoints are read again."""
+    started = time.perf_counter()
+    grams, tasks, meta = read_stats(stats)
+    T = len(meta["models"])
+    models = list(range(T)) if models is None else list(models)
+    if not models or any(not 0 <= m < T for m in models) or len(set(models)) != len(models):
+        raise MergeError(f"--models must be distinct indices in 0..{T - 1} (the statistics hold {T} models: "
+                         + ", ".join(f"{i}={p}" for i, p in enumerate(meta["models"])) + ")")
+    raw = dict(meta["config"])
+    raw.pop("root", None)
+    raw["base_model"] = meta["base_model"]
+    raw["models"] = [{**raw["models"][m], "model": meta["models"][m], "data": meta["data"][m]} for m in models]
+    raw["parameters"] = dict(raw.get("parameters") or {})
+    if balance is not None:
+        raw["parameters"]["balance"] = balance
+    if dtype is not None:
+        raw["dtype"], raw["out_dtype"] = dtype, None
+    cfg = load_merge_config(raw)
+    ins = open_inputs(cfg)
+    plan = build_plan(ins.hf_config, ins.base.names(), meta["granularity"])
+    bal = cfg.param("balance")
+    sols = {name: solve_module(g, tasks, bal, models=models) for name, g in grams.items()}
+    alphas = {k: s.alpha for k, s in sols.items()}
+    with atomic_output(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
+                               parse_size(shard_size))
+        try:
+            for label, group in tqdm(layer_groups(plan), desc="slta solve: writing", disable=not progress):
+                loaded = None if label in ("embed", "head") else load_group(ins, group)
+                write_alpha_tensors(ins, plan, writer, alphas, group, loaded)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        report = {"method": "slta", "granularity": plan.granularity, "balance": bal,
+                  "num_samples": meta["num_samples"], "seed": meta["seed"], "solved_from": str(Path(stats)),
+                  "models_subset": models,
+                  "samples_per_task": [int((tasks == m).sum()) for m in models],
+                  "modules": {k: s.to_json() for k, s in sols.items()},
+                  "timings": {"total": time.perf_counter() - started}}
+        finish_folder(tmp, ins, cfg, report)
+    return Path(out)

@@ -64,23 +64,21 @@ def make_family(root: Path, arch: str = "llama", T: int = 3, scale: float = 0.05
                 p.normal_(0, 0.2)
     tok = make_tokenizer()
     base_dir = save_model(base, root / "base", tok)
-    tuned_dirs = []
+    tuned_dirs, tuned_sds = [], []
     sd0 = base.state_dict()
     for t in range(T):
         g = torch.Generator().manual_seed(1000 * (seed + 1) + t)
-        ft = AutoModelForCausalLM.from_config(config).eval()
-        sd = {}
-        for k, v in sd0.items():
-            # every fine-tune moves every tensor, with a task-specific magnitude pattern
-            sd[k] = v + scale * (1 + t) ** 0.5 * torch.randn(v.shape, generator=g) * (v.abs().mean() + 1e-3)
+        # every fine-tune moves every tensor, with a task-specific magnitude
+        sd = {k: v + scale * (1 + t) ** 0.5 * torch.randn(v.shape, generator=g) * (v.abs().mean() + 1e-3)
+              for k, v in sd0.items()}
         if same and t == same[1]:
-            sd = {k: v.clone() for k, v in prev_sds[same[0]].items()}
+            sd = {k: v.clone() for k, v in tuned_sds[same[0]].items()}
+        ft = AutoModelForCausalLM.from_config(config).eval()
         ft.load_state_dict(sd, strict=False)
         if getattr(config, "tie_word_embeddings", False):
             ft.tie_weights()
+        tuned_sds.append({k: v.clone() for k, v in ft.state_dict().items()})
         tuned_dirs.append(save_model(ft, root / f"ft{t}", tok))
-        prev_sds = locals().get("prev_sds", [])
-        prev_sds.append({k: v.clone() for k, v in ft.state_dict().items()})
     return base_dir, tuned_dirs
 
 

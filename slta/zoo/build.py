@@ -1,0 +1,199 @@
+"""Builds the demo zoo: tokenizer, pre-trained base, three full fine-tunes, task data.
+
+Layout of ``out_dir``::
+
+    zoo.json                    recipe, its hash, timings, training losses
+    base/ math/ code/ translate/   Hugging Face model folders (config, safetensors, tokenizer)
+    data/{task}/calib.jsonl     {"prompt", "response"}: training-format calibration samples
+    data/{task}/val.jsonl       {"prompt", "answer"}: held-out validation set
+    data/{task}/test.jsonl      {"prompt", "answer"}: held-out test set
+
+Everything is a deterministic function of the recipe (size preset + seed + generator
+version); a zoo whose stored recipe hash matches is reused as is.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from slta.zoo import tasks
+from slta.zoo.tokenizer import train_tokenizer
+from slta.zoo.train import encode_examples, make_model, packed_batches, sft_batches, train_loop
+
+# Bump when the generator code changes in a way that changes the output: cached zoos rebuild.
+GENERATOR_VERSION = "zoo-1"
+
+SIZES: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=384, hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, max_len=256,
+        n_nouns=12, n_verbs=6, n_adjs=6,
+        math_min_steps=1, math_max_steps=2, code_min_len=3, code_max_len=4,
+        pretrain_docs=4000, pretrain_steps=150, pretrain_batch=16, block=128, pretrain_lr=3e-3,
+        train_examples=2000, finetune_steps=100, finetune_batch=16, finetune_lr=2e-3,
+        n_calib=32, n_val=32, n_test=48, warmup=20, weight_decay=0.1,
+    ),
+    "default": dict(
+        vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352, max_len=256,
+        n_nouns=24, n_verbs=12, n_adjs=10,
+        math_min_steps=2, math_max_steps=3, code_min_len=3, code_max_len=6,
+        pretrain_docs=60000, pretrain_steps=1500, pretrain_batch=32, block=128, pretrain_lr=2e-3,
+        train_examples=40000, finetune_steps=1200, finetune_batch=32, finetune_lr=1e-3,
+        n_calib=128, n_val=200, n_test=300, warmup=100, weight_decay=0.1,
+    ),
+}
+MODEL_DIRS = ("base", *tasks.TASKS)
+
+
+def recipe_for(size: str, seed: int, overrides: dict | None = None) -> dict:
+    if size not in SIZES:
+        raise ValueError(f"unknown zoo size {size!r}; known: {', '.join(SIZES)}")
+    params = dict(SIZES[size], **(overrides or {}))
+    unknown = set(params) - set(SIZES[size])
+    if unknown:
+        raise ValueError(f"unknown zoo recipe keys: {', '.join(sorted(unknown))}")
+    return {"version": GENERATOR_VERSION, "size": size, "seed": seed, "params": params}
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_built(out_dir: Path, recipe: dict) -> bool:
+    meta = out_dir / "zoo.json"
+    if not meta.is_file():
+        return False
+    try:
+        stored = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return False
+    complete = all((out_dir / d / "model.safetensors").is_file() for d in MODEL_DIRS) and all(
+        (out_dir / "data" / t / f"{s}.jsonl").is_file() for t in tasks.TASKS for s in ("calib", "val", "test")
+    )
+    return stored.get("recipe_hash") == recipe_hash(recipe) and complete
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def save_model(model, tok, folder: Path) -> None:
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
+    )
+    model.save_pretrained(folder)  # safetensors
+    tok.save_pretrained(folder)
+
+
+def make_data(recipe: dict) -> dict:
+    """All text of the zoo: lexicon, pre-training documents, and per-task splits."""
+    p, rng = recipe["params"], random.Random(recipe["seed"])
+    lex = tasks.make_lexicon(rng, p["n_nouns"], p["n_verbs"], p["n_adjs"])
+    splits = {}
+    for task in tasks.TASKS:
+        seen: set[str] = set()  # held-out prompts never appear in another split
+        splits[task] = {
+            name: tasks.make_split(task, rng, lex, p, n, seen)
+            for name, n in (("test", p["n_test"]), ("val", p["n_val"]), ("calib", p["n_calib"]), ("train", p["train_examples"]))
+        }
+    docs = [tasks.pretrain_document(rng, lex, p) for _ in range(p["pretrain_docs"])]
+    return {"lexicon": lex, "splits": splits, "docs": docs}
+
+
+def _build(out: Path, recipe: dict, progress: bool) -> dict:
+    """Builds the zoo into ``out`` (an empty folder); returns the metadata for zoo.json."""
+    p, seed = recipe["params"], recipe["seed"]
+    timings: dict[str, float] = {}
+    losses: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+
+    data = make_data(recipe)
+    splits = data["splits"]
+    # The tokenizer sees all text the models will ever see (it learns no skill from it).
+    train_text = [e["prompt"] + e["response"] for t in tasks.TASKS for e in splits[t]["train"]]
+    tok = train_tokenizer(data["docs"] + train_text, p["vocab_size"])
+    for task in tasks.TASKS:
+        write_jsonl(out / "data" / task / "calib.jsonl", [{"prompt": e["prompt"], "response": e["response"]} for e in splits[task]["calib"]])
+        for name in ("val", "test"):
+            write_jsonl(out / "data" / task / f"{name}.jsonl", [{"prompt": e["prompt"], "answer": e["answer"]} for e in splits[task][name]])
+    timings["data"] = time.perf_counter() - t0
+
+    # Pre-training: plain language modelling on the unlabeled corpus.
+    t = time.perf_counter()
+    base = make_model(tok, p["hidden"], p["layers"], p["heads"], p["kv_heads"], p["ffn"], p["max_len"], seed)
+    docs = tok(data["docs"]).input_ids
+    batches = packed_batches(docs, tok.eos_token_id, p["pretrain_batch"], p["block"], seed)
+    curve = train_loop(base, batches, p["pretrain_steps"], p["pretrain_lr"], p["warmup"], p["weight_decay"], "pretrain base", progress)
+    save_model(base, tok, out / "base")
+    losses["base"] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
+    timings["base"] = time.perf_counter() - t
+
+    # Full fine-tunes: every parameter trained, loss on response tokens only.
+    for i, task in enumerate(tasks.TASKS):
+        t = time.perf_counter()
+        model = copy.deepcopy(base)
+        encoded = encode_examples(tok, splits[task]["train"])
+        batches = sft_batches(encoded, tok.pad_token_id, p["finetune_batch"], seed + 1 + i)
+        curve = train_loop(model, batches, p["finetune_steps"], p["finetune_lr"], p["warmup"], p["weight_decay"], f"fine-tune {task}", progress)
+        save_model(model, tok, out / task)
+        losses[task] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
+        timings[task] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return {"timings_s": timings, "train_loss": losses}
+
+
+def build_zoo(
+    out_dir: str | Path,
+    size: str = "default",
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    overrides: dict | None = None,
+    threads: int = 2,
+) -> Path:
+    """Builds (or reuses) the demo zoo in ``out_dir`` and returns its path.
+
+    The zoo is rebuilt only when ``force`` is set or the recipe (size preset, ``overrides``
+    of its hyper-parameters, seed, generator version) differs from the stored one.
+    ``threads`` bounds torch's CPU threads; results are reproducible for a given value.
+    """
+    out_dir = Path(out_dir)
+    recipe = recipe_for(size, seed, overrides)
+    if not force and is_built(out_dir, recipe):
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "zoo.json").exists():
+        raise FileExistsError(f"{out_dir} exists and is not a zoo (no zoo.json); refusing to overwrite it")
+
+    # Deterministic training: fixed threads, deterministic kernels, seeded everything.
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    torch.use_deterministic_algorithms(True)
+    # Build beside the target and move into place at the end: a crash never leaves a
+    # folder that looks like a complete zoo.
+    tmp = out_dir.with_name(out_dir.name + ".tmp-build")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _build(tmp, recipe, progress)
+        meta = {"recipe": recipe, "recipe_hash": recipe_hash(recipe), "torch_threads": torch.get_num_threads(), **meta}
+        (tmp / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+    return out_dir
