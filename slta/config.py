@@ -55,9 +55,6 @@ class MergeConfig(BaseModel):
     trust_remote_code: bool = False
     name: str | None = None
 
-    # filled by load_config: where relative paths are resolved from
-    root: Path | None = None
-
     def method(self) -> methods.Method:
         return methods.get(self.merge_method)
 
@@ -68,8 +65,8 @@ class MergeConfig(BaseModel):
         return self.parameters.get(key, defaults.get(key))
 
     def path(self, p: str) -> Path:
-        q = Path(p).expanduser()
-        return q if q.is_absolute() or self.root is None else self.root / q
+        """Relative paths are relative to the working directory, as in mergekit."""
+        return Path(p).expanduser()
 
 
 def _unknown(keys: list[str], allowed: tuple[str, ...] | list[str], where: str) -> None:
@@ -84,7 +81,6 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
     """Parse and validate a config from a YAML path, a YAML string's dict, or a MergeConfig."""
     if isinstance(source, MergeConfig):
         return source
-    root = None
     where = "config"
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -95,7 +91,6 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        root = path.resolve().parent
     else:
         raw = source
     if not isinstance(raw, dict):
@@ -110,7 +105,6 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"])
         raise ConfigError(f"{where}: {loc}: {err['msg']}") from e
-    cfg.root = root
     _validate_method(cfg, where)
     return cfg
 

@@ -181,7 +181,7 @@ def layer_features(runner: Runner, i: int, modules: list[Module], versions: list
         if heads:
             _head_features(runner, i, heads, versions, h, batch, store)
         if linears:
-            _linear_features(runner, i, linears, versions, h, m, batch, store)
+            _linear_features(runner, i, linears, versions, h, batch, store)
         batch.h = m + mlp[0]
 
 
@@ -200,9 +200,9 @@ def _head_features(runner: Runner, i: int, heads: list[Module], versions: list[d
 
 
 def _linear_features(runner: Runner, i: int, linears: list[Module], versions: list[dict[str, torch.Tensor]],
-                     h: torch.Tensor, m: torch.Tensor, batch: Batch, store: GramStore) -> None:
+                     h: torch.Tensor, batch: Batch, store: GramStore) -> None:
     """Every nn.Linear on its base input: Δf = x (W_t - W_0)^T + (b_t - b_0)  (A.5.5; exactly linear)."""
-    inputs = capture_linear_inputs(runner, i, versions[0], h, m, batch)
+    inputs, _ = capture_linear_inputs(runner, i, versions[0], h, batch)
     for mod in linears:
         x = inputs[mod.linear]
         outs = []
@@ -215,21 +215,20 @@ def _linear_features(runner: Runner, i: int, linears: list[Module], versions: li
 
 
 def capture_linear_inputs(runner: Runner, i: int, base: dict[str, torch.Tensor], h: torch.Tensor,
-                          m: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-    """Inputs of every nn.Linear of layer i in the base model (forward pre-hooks)."""
+                          batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Inputs of every nn.Linear of layer i in the base model (forward pre-hooks), and the base
+    layer's output (the next layer's input)."""
     layer = runner.layer(i)
     captured: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in layer.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            hooks.append(mod.register_forward_pre_hook(_capture(captured, name)))
+    hooks = [mod.register_forward_pre_hook(_capture(captured, name))
+             for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)]
     try:
-        runner.attn_out(i, base, h, batch)
-        runner.mlp_out(i, base, m)
+        m = h + runner.attn_out(i, base, h, batch)
+        out = m + runner.mlp_out(i, base, m)
     finally:
         for hk in hooks:
             hk.remove()
-    return captured
+    return captured, out
 
 
 def _capture(store: dict[str, torch.Tensor], name: str) -> Callable:

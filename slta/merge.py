@@ -291,13 +291,15 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
     return SltaResult(sols, {k: v.cpu() for k, v in store.g.items()}, task_of, indices, timings)
 
 
-def embed_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore,
-                model_level: bool) -> None:
-    """Embedding rows, read in row blocks: Δf = E_t[ids] - E_0[ids]; sets each batch's base input."""
+def embed_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore | None,
+                model_level: bool = False) -> None:
+    """Embedding rows, read in row blocks: Δf = E_t[ids] - E_0[ids]; sets each batch's base input.
+    Without a store only the base is read (the base forward pass alone, e.g. for RegMean)."""
     name = plan.tensor_order[0]
     vocab, hidden = ins.base.shapes[name]
     dev, dt = runner.device, runner.dtype
-    T1 = len(ins.all)
+    ckpts = ins.all if store is not None else [ins.base]
+    T1 = len(ckpts)
     for b in batches:
         b.h = torch.zeros(*b.ids.shape, hidden, device=dev, dtype=dt)
         if model_level:
@@ -305,7 +307,7 @@ def embed_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], s
     module = "model" if model_level else ("embed_head" if plan.tied else "embed")
     for lo in range(0, vocab, ROW_BLOCK):
         hi = min(vocab, lo + ROW_BLOCK)
-        blocks = [ck.get_rows(name, lo, hi).to(dev, dt) for ck in ins.all]
+        blocks = [ck.get_rows(name, lo, hi).to(dev, dt) for ck in ckpts]
         _check_finite(ins, name, blocks)
         for b in batches:
             sel = (b.ids >= lo) & (b.ids < hi) & b.valid
@@ -317,7 +319,7 @@ def embed_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], s
             if model_level:
                 for v in range(T1):
                     b.hv[v] += rows[v]
-            else:
+            elif store is not None:
                 store.add(module, rows, b, valid=sel)
     if model_level:
         for b in batches:
@@ -399,6 +401,10 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
                 report.update(slta_report(cfg, plan, res))
                 if save_stats:
                     write_stats(tmp / "slta_stats.safetensors", cfg, ins, plan, res)
+            elif method.name == "regmean":
+                from slta.methods.regmean import run_regmean
+
+                report.update(run_regmean(ins, plan, writer, dev, progress))
             elif method.tensor_fn is not None:
                 merge_data_free(ins, plan, writer, dev, progress)
             else:
@@ -428,7 +434,7 @@ def finish_folder(tmp: Path, ins: Inputs, cfg: MergeConfig, report: dict[str, An
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                      "safetensors": _version("safetensors"), "numpy": np.__version__,
                      "python": platform.python_version()},
-        "config": cfg.model_dump(mode="json", exclude={"root"}),
+        "config": cfg.model_dump(mode="json"),
         "base_model": str(ins.base.folder),
         "models": [str(ck.folder) for ck in ins.tuned],
         "dtype": dtype_name(ins.out_dtype),
@@ -475,7 +481,7 @@ def write_stats(path: Path, cfg: MergeConfig, ins: Inputs, plan: Plan, res: Slta
         "seed": cfg.param("seed"),
         "max_length": cfg.param("max_length"),
         "sample_indices": res.sample_indices,
-        "config": cfg.model_dump(mode="json", exclude={"root"}),
+        "config": cfg.model_dump(mode="json"),
         "slta_version": slta.__version__,
     }
     save_file(tensors, str(path), metadata={"slta": json.dumps(meta)})
@@ -512,7 +518,6 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
         raise MergeError(f"--models must be distinct indices in 0..{T - 1} (the statistics hold {T} models: "
                          + ", ".join(f"{i}={p}" for i, p in enumerate(meta["models"])) + ")")
     raw = dict(meta["config"])
-    raw.pop("root", None)
     raw["base_model"] = meta["base_model"]
     raw["models"] = [{**raw["models"][m], "model": meta["models"][m], "data": meta["data"][m]} for m in models]
     raw["parameters"] = dict(raw.get("parameters") or {})

@@ -68,7 +68,7 @@ def names() -> list[str]:
 
 
 # Importing the method modules registers them.
-from slta.methods import breadcrumbs, consensus_ta, dare, linear, task_arithmetic, ties  # noqa: E402,F401
+from slta.methods import breadcrumbs, consensus_ta, dare, linear, regmean, task_arithmetic, ties  # noqa: E402,F401
 
 # Data-driven methods: implemented by the driver (slta.merge / slta.methods.regmean).
 register(

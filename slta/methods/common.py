@@ -156,9 +156,10 @@ def combine(
     if not tuned:
         return base.clone()
 
-    def sparse_tau(i: int, mask: torch.Tensor | None, scale: torch.Tensor | float) -> torch.Tensor:
+    def sparse_tau(i: int, mask: torch.Tensor | None, scale: torch.Tensor | float,
+                   tau: torch.Tensor | None = None) -> torch.Tensor:
         # Same operation order as mergekit ((tau * mask) * scale) * weight, so results agree to rounding.
-        tau = tuned[i] - base
+        tau = tuned[i] - base if tau is None else tau
         if mask is not None:
             tau.mul_(mask)
         if not (isinstance(scale, float) and scale == 1.0):
@@ -168,9 +169,12 @@ def combine(
     masks: list[tuple[torch.Tensor | None, torch.Tensor | float]] = []
     total = torch.zeros_like(base)
     for i in range(len(tuned)):
-        mask, scale = sparsify(i, tuned[i] - base) if sparsify is not None else (None, 1.0)
-        masks.append((mask, scale))
-        total.add_(sparse_tau(i, mask, scale))
+        tau = tuned[i] - base
+        mask, scale = sparsify(i, tau) if sparsify is not None else (None, 1.0)
+        if sign_consensus:  # the second pass needs them; booleans cost a quarter of a float32 copy each
+            masks.append((mask, scale))
+        total.add_(sparse_tau(i, mask, scale, tau))
+        del tau
 
     if sign_consensus:
         positive = total >= 0  # the elected sign: + where the weighted sum is >= 0

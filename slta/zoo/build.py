@@ -161,7 +161,7 @@ def build_zoo(
     force: bool = False,
     progress: bool = True,
     overrides: dict | None = None,
-    threads: int = 2,
+    threads: int = 1,
 ) -> Path:
     """Builds (or reuses) the demo zoo in ``out_dir`` and returns its path.
 

@@ -1,0 +1,101 @@
+"""Command line: `slta merge|solve|eval|zoo|demo|analyze|report`. Each command is a thin wrapper over
+the Python function of the same name, so everything here is available from `import slta` too."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from slta import __version__
+
+
+def _merge(a: argparse.Namespace) -> None:
+    from slta.merge import run_merge
+
+    out = run_merge(a.config, a.output, overwrite=a.overwrite, device=a.device, shard_size=a.shard_size,
+                    progress=not a.quiet, save_stats=not a.no_stats)
+    print(f"merged model written to {out}")
+
+
+def _solve(a: argparse.Namespace) -> None:
+    from slta.merge import run_solve
+
+    models = [int(x) for x in a.models.split(",")] if a.models else None
+    out = run_solve(a.stats, a.output, models=models, balance=a.balance, overwrite=a.overwrite,
+                    shard_size=a.shard_size, dtype=a.dtype, progress=not a.quiet)
+    print(f"merged model written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slta", description="Submodule-linearity task arithmetic: merge LLMs "
+                                "fine-tuned from one base, with closed-form per-submodule weights.")
+    p.add_argument("--version", action="version", version=f"slta {__version__}")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="run the merge a YAML config describes; write a Hugging Face folder")
+    m.add_argument("config", help="merge config (YAML, mergekit-compatible keys)")
+    m.add_argument("-o", "--output", required=True, help="output model folder")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
+    m.add_argument("--shard-size", default="5GB", help="maximum safetensors shard size (default: 5GB)")
+    m.add_argument("--no-stats", action="store_true", help="do not save slta_stats.safetensors")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=_merge)
+
+    s = sub.add_parser("solve", help="re-solve a closed-form merge from saved statistics (no forward pass)")
+    s.add_argument("stats", help="slta_stats.safetensors (or the merged folder holding it)")
+    s.add_argument("-o", "--output", required=True, help="output model folder")
+    s.add_argument("--models", help="comma-separated indices of the models to merge, e.g. 0,2 (default: all)")
+    s.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="balanced (Eq. 33-34) or plain (Eq. 12-14) objective (default: as merged)")
+    s.add_argument("--dtype", help="output dtype (default: as merged)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--shard-size", default="5GB")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=_solve)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+# Modules that add their own subcommand with `add_cli(subparsers)`, beside their implementation.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _extra_commands() -> list:
+    import importlib
+
+    return [importlib.import_module(m).add_cli for m in COMMAND_MODULES]
+
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("slta: interrupted; nothing was written to the output", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"slta: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - last resort: still no traceback unless asked
+        if args.debug:
+            raise
+        print(f"slta: unexpected {type(e).__name__}: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
