@@ -16,7 +16,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from slta import methods
-from slta.methods import REQUIRED
 
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
             "trust_remote_code", "name")
@@ -118,15 +117,20 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'models' is empty; list at least one fine-tuned model")
     if m.needs_base and not cfg.base_model:
         raise ConfigError(f"{where}: merge_method {m.name!r} needs base_model")
+    if m.tensor_fn is not None:  # data-free: mergekit's parameter rules (scalars, gradients, filters)
+        from slta.methods.params import validate_params
+
+        try:
+            validate_params(m, [e.parameters for e in cfg.models], cfg.parameters, [e.model for e in cfg.models])
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from e
+        return
     allowed = {**COMMON_PARAMS, **m.method_params}
-    # mergekit lets top-level parameters give defaults for per-model ones too.
-    _unknown(list(cfg.parameters), tuple(allowed) + tuple(m.model_params), f"{where}: parameters")
+    _unknown(list(cfg.parameters), tuple(allowed), f"{where}: parameters")
     for i, entry in enumerate(cfg.models):
-        _unknown(list(entry.parameters), tuple(m.model_params), f"{where}: models[{i}] ({entry.model}).parameters")
-        for key, default in m.model_params.items():
-            if default is REQUIRED and key not in entry.parameters and key not in cfg.parameters:
-                raise ConfigError(f"{where}: models[{i}] ({entry.model}): parameter {key!r} is required by "
-                                  f"{m.name} (set it per model or in the top-level parameters)")
+        if entry.parameters:
+            raise ConfigError(f"{where}: models[{i}] ({entry.model}): merge_method {m.name!r} takes no per-model "
+                              f"parameters (got {', '.join(entry.parameters)})")
         if m.needs_data and not entry.data:
             raise ConfigError(f"{where}: models[{i}] ({entry.model}): merge_method {m.name!r} needs calibration "
                               f"data: add 'data: path/to/task.jsonl'")
@@ -147,18 +151,3 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{where}: parameters.seed: expected an integer, got {seed!r}")
 
-
-def model_params(cfg: MergeConfig, index: int) -> dict[str, Any]:
-    """Per-model parameters: the model's own, then top-level ones, then the method's defaults."""
-    m = cfg.method()
-    out = {k: v for k, v in m.model_params.items() if v is not REQUIRED}
-    out.update({k: v for k, v in cfg.parameters.items() if k in m.model_params})
-    out.update(cfg.models[index].parameters)
-    return out
-
-
-def method_params(cfg: MergeConfig) -> dict[str, Any]:
-    m = cfg.method()
-    out = {**COMMON_PARAMS, **m.method_params}
-    out.update({k: v for k, v in cfg.parameters.items() if k in out})
-    return out

@@ -31,7 +31,7 @@ from slta.architecture import (Module, Plan, build_plan, config_differences, lay
 from slta.calibration import load_task
 from slta.checkpoint import (Checkpoint, CheckpointError, ShardedWriter, atomic_output, dtype_name, parse_dtype,
                              parse_size)
-from slta.config import ConfigError, MergeConfig, load_config as load_merge_config, method_params, model_params
+from slta.config import ConfigError, MergeConfig, load_config as load_merge_config
 from slta.features import Batch, GramStore, Runner, layer_features, sub, to_compute
 from slta.solve import Solution, solve_module
 
@@ -359,18 +359,20 @@ def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], st
 # -- data-free methods ------------------------------------------------------------------------------
 
 def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device, progress: bool = True) -> None:
+    """Tensor-by-tensor methods; parameters resolved per tensor with mergekit's rules."""
+    from slta.methods.params import layer_index, resolve_tensor_params
+
     cfg = ins.cfg
     method = cfg.method()
-    mparams = method_params(cfg)
-    per_model = [model_params(cfg, i) for i in range(len(cfg.models))]
-    seed = int(mparams.get("seed", 0))
-    groups = layer_groups(plan)
-    for label, group in tqdm(groups, desc=f"{method.name}: layers", disable=not progress, unit="layer"):
+    seed = int(cfg.param("seed"))
+    own = [e.parameters for e in cfg.models]
+    for label, group in tqdm(layer_groups(plan), desc=f"{method.name}: layers", disable=not progress, unit="layer"):
         loaded = load_group(ins, group)
         for n in group:
+            per_model, shared = resolve_tensor_params(method, own, cfg.parameters, n, layer_index(n), plan.num_layers)
             base = loaded[0][n].to(device, torch.float32)
             tuned = [g[n].to(device, torch.float32) for g in loaded[1:]]
-            merged = method.tensor_fn(n, base, tuned, per_model, mparams, seed)
+            merged = method.tensor_fn(n, base, tuned, per_model, shared, seed)
             if not torch.isfinite(merged).all():
                 raise MergeError(f"{method.name} produced non-finite values for tensor {n}")
             writer.write(n, merged)
@@ -441,9 +443,15 @@ def finish_folder(tmp: Path, ins: Inputs, cfg: MergeConfig, report: dict[str, An
         **report,
     }
     (tmp / "slta_report.json").write_text(json.dumps(full, indent=2) + "\n")
-    from slta.report import model_card
+    from slta.report import mergekit_config, model_card
 
     (tmp / "README.md").write_text(model_card(full))
+    if full.get("modules") and full.get("method") == "slta":
+        mk = mergekit_config(full, ins.hf_config.num_hidden_layers, bool(getattr(ins.hf_config, "tie_word_embeddings", False)))
+        if mk is not None:  # the solved α as a mergekit task_arithmetic config, for mergekit pipelines
+            import yaml
+
+            (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(mk, sort_keys=False))
 
 
 def _version(pkg: str) -> str:

@@ -56,3 +56,40 @@ def model_card(report: dict[str, Any]) -> str:
     lines += ["", "Full details (every module's α, solver diagnostics, timings, versions): `slta_report.json`.", "",
               "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def mergekit_config(report: dict[str, Any], num_layers: int, tied: bool) -> dict[str, Any] | None:
+    """The solved α as a mergekit `task_arithmetic` config that reproduces this merge (SPEC section 2).
+
+    Per-layer α become gradients (a list of num_layers values: mergekit places layer i at
+    t = i / (L - 1), so value i is taken exactly) under tensor-name filters. Only cuts whose modules
+    own whole tensors can be expressed: model, layer and attn_mlp (not head_mlp or linear)."""
+    g = report.get("granularity")
+    mods = report["modules"]
+    if g not in ("model", "layer", "attn_mlp"):
+        return None
+
+    def a(name: str, t: int) -> float:
+        return float(mods[name]["alpha"][t])
+
+    models = []
+    for t, path in enumerate(report["models"]):
+        if g == "model":
+            conds = [] if tied else [{"filter": "lm_head", "value": a("lm_head", t)}]
+            conds.append({"value": a("model", t)})
+        else:
+            outer_in = "embed_head" if tied else "embed"
+            outer_out = "embed_head" if tied else "head"
+            conds = [{"filter": "embed_tokens", "value": a(outer_in, t)},
+                     {"filter": "lm_head", "value": a(outer_out, t)},
+                     {"filter": "model.norm.", "value": a(outer_out, t)}]
+            if g == "layer":
+                conds.append({"filter": "layers.", "value": [a(f"layers.{i}", t) for i in range(num_layers)]})
+            else:
+                attn = [a(f"layers.{i}.attn", t) for i in range(num_layers)]
+                mlp = [a(f"layers.{i}.mlp", t) for i in range(num_layers)]
+                conds += [{"filter": "self_attn", "value": attn}, {"filter": "input_layernorm", "value": attn},
+                          {"filter": "mlp", "value": mlp}, {"filter": "post_attention_layernorm", "value": mlp}]
+        models.append({"model": path, "parameters": {"weight": conds}})
+    return {"merge_method": "task_arithmetic", "base_model": report["base_model"], "models": models,
+            "parameters": {"normalize": False, "lambda": 1.0}, "dtype": report["dtype"]}

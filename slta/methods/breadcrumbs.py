@@ -1,12 +1,16 @@
 """Model Breadcrumbs (Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
 Sparse Masks", ECCV 2024, arXiv:2312.06795).
 
-Per tensor ("layer-wise" in the paper), each task vector loses its largest-magnitude entries (outliers,
-the paper's beta) and its smallest ones (negligible perturbations, the paper's gamma); the remaining
-"breadcrumbs" are merged by task arithmetic (``breadcrumbs``) or with TIES's sign election
-(``breadcrumbs_ties``). Parameterised as in mergekit: ``gamma`` is the fraction of the LARGEST
-magnitudes dropped (the paper's beta) and ``density`` the fraction kept, so the smallest
-1 - density - gamma are dropped. Defaults density 0.9, gamma 0.01: drop the top 1% and the bottom 9%.
+Per tensor ("layer-wise" in the paper), each task vector loses its largest-magnitude entries (outliers)
+and its smallest ones (negligible perturbations); the remaining "breadcrumbs" are merged by task
+arithmetic (``breadcrumbs``) or with TIES's sign election (``breadcrumbs_ties``).
+
+Parameterised as in mergekit: ``gamma`` is the fraction of the LARGEST magnitudes dropped and ``density``
+the fraction kept, so the smallest 1 - density - gamma are dropped. (The paper writes the two cuts as
+percentiles of |tau|: everything below the beta-th and above the gamma-th percentile is masked, so
+mergekit's density = gamma_paper - beta_paper and mergekit's gamma = 1 - gamma_paper.)
+Defaults density 0.15, gamma 0.006: keep 15% just below the top 0.6%, the starting point of the authors'
+own hyper-parameter search (github.com/rezazzr/breadcrumbs, find_best_hyperparam.py, "middle_keep").
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _merge(base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dic
 
     def sparsify(i: int, tau: torch.Tensor):
         p = model_params[i]
-        mask = band_mask(tau, float(p.get("density", 0.9)), float(p.get("gamma", 0.01)))
+        mask = band_mask(tau, float(p.get("density", 0.15)), float(p.get("gamma", 0.006)))
         return mask, (l1_rescale(tau, mask) if rescale else 1.0)
 
     return combine(
@@ -53,7 +57,7 @@ for _name, _fn in (("breadcrumbs", merge), ("breadcrumbs_ties", merge_ties)):
         Method(
             name=_name,
             tensor_fn=_fn,
-            model_params={"weight": 1.0, "density": 0.9, "gamma": 0.01},
+            model_params={"weight": 1.0, "density": 0.15, "gamma": 0.006},
             method_params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False},
             reference=_REFERENCE,
         )

@@ -16,7 +16,8 @@ top-level ``parameters``, then the method's default. Method-level parameters (``
 ``normalize``, ...) are read from the top level only.
 
 Use: :func:`validate_params` once per config (it raises clear errors and returns the settings with
-values coerced to their types), then :func:`resolve_tensor_params` per tensor.
+values coerced to their types), then :func:`resolve_tensor_params` per tensor (which coerces the
+resolved values again, so it is also safe on raw settings).
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def resolve_tensor_params(
             if key in scope:
                 v = resolve(scope[key], tensor_name, layer_index, num_layers)
                 if v is not None:
-                    return _as_type(key, v, default)
+                    # Coerce (and range-check) here too, so raw settings that skipped validate_params are
+                    # safe: "false" must not become True, an interpolated 2.0 must become the integer 2.
+                    return _coerce_scalar(key, v, _kind(key, default), f"{where}, tensor {tensor_name}")
         if default is REQUIRED:
             raise ValueError(f"{where}: required parameter {key!r} of merge_method {method.name!r} "
                              f"has no value for tensor {tensor_name!r} (no filter matched)")
@@ -103,16 +106,6 @@ def resolve_tensor_params(
         per_model.append({k: pick(k, scopes, d, f"models[{i}]") for k, d in method.model_params.items()})
     shared = {k: pick(k, [global_settings], d, "parameters") for k, d in method.method_params.items()}
     return per_model, shared
-
-
-def _as_type(key: str, value: Any, default: Any) -> Any:
-    # Interpolation turns ints into floats; give integer parameters their type back.
-    kind = _kind(key, default)
-    if kind is int and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"parameter {key!r} must be an integer, got {value}")
-        return int(value)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
