@@ -74,8 +74,21 @@ def _extra_commands() -> list:
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 
+def _pin_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after large frees (up to 32 MB), so later tensor-sized blocks
+    come from a heap that fragments; pinning it at 1 MiB returns freed tensors to the OS at once
+    (measured: peak RSS of a ~1 GB-checkpoint task-arithmetic merge 791 -> 699 MiB)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _pin_mmap_threshold()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         args.func(args)

@@ -94,6 +94,8 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
                 raise MergeError(f"{label}: tensor {n} in {ck.file_of[n]} has shape {list(ck.shapes[n])}, "
                                  f"{base_label} has {list(base.shapes[n])}")
         tuned.append(ck)
+    check_distances(base, tuned, base_label, hf.num_hidden_layers)
+    check_tokenizers(base, tuned, base_label)
     out = cfg.out_dtype or cfg.dtype
     if out is None:
         out = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
@@ -104,6 +106,53 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     except ValueError as e:
         raise ConfigError(f"dtype: {e}") from e
     return Inputs(cfg, base, tuned, hf, out_dtype)
+
+
+# A fine-tune moves its weights by a few percent at most; independently initialised weights of the
+# same shape are ~1.4 apart (relative). Above this the model is not a fine-tune of the base.
+MAX_RELATIVE_DISTANCE = 0.5
+
+
+def check_distances(base: Checkpoint, tuned: list[Checkpoint], base_label: str, num_layers: int) -> list[float]:
+    """Relative distance ||θ_t - θ_0|| / ||θ_0|| of each fine-tune on layer 0, before any heavy work."""
+    names = [n for n in base.names() if n.startswith(layer_prefix(0))] or base.names()[:1]
+    b = base.get_many(names)
+    norm0 = math.sqrt(sum(float(v.double().pow(2).sum()) for v in b.values()))
+    dists = []
+    for ck in tuned:
+        t = ck.get_many(names)
+        d = math.sqrt(sum(float((t[n].double() - b[n].double()).pow(2).sum()) for n in names)) / max(norm0, 1e-30)
+        if d > MAX_RELATIVE_DISTANCE:
+            raise MergeError(f"{ck.label}: not a fine-tune of {base_label}: its layer-0 weights are at relative "
+                             f"distance {d:.3f} from the base's (fine-tunes are typically below 0.1; limit "
+                             f"{MAX_RELATIVE_DISTANCE}). Check base_model and the model paths.")
+        dists.append(d)
+    med = float(np.median(dists))
+    for ck, d in zip(tuned, dists):
+        if len(dists) > 2 and med > 0 and d > 10 * med:
+            log.warning("%s: relative distance from the base %.4f is over 10x the others' median %.4f",
+                        ck.label, d, med)
+    return dists
+
+
+def check_tokenizers(base: Checkpoint, tuned: list[Checkpoint], base_label: str) -> None:
+    """Fine-tunes must share the base's tokenizer (same tokenizer.json / vocab files when present)."""
+    for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
+        ref = base.folder / name
+        if not ref.exists():
+            continue
+        for ck in tuned:
+            other = ck.folder / name
+            if other.exists() and _tokenizer_vocab(other) != _tokenizer_vocab(ref):
+                raise MergeError(f"{ck.label}: {other} differs from {base_label}'s {ref}: the models do not "
+                                 f"share a tokenizer, so their embeddings cannot be merged row by row")
+
+
+def _tokenizer_vocab(path: Path) -> object:
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return data.get("model", {}).get("vocab", data) if path.name == "tokenizer.json" else data
+    return path.read_bytes()
 
 
 def _tied_copy(hf, name: str) -> bool:

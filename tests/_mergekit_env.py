@@ -49,7 +49,8 @@ def run_mergekit(config: dict[str, Any], workdir: Path, name: str) -> Path:
 def build_models(root: Path, num_tuned: int = 3, seed: int = 0) -> tuple[Path, list[Path]]:
     """A tiny Llama base and ``num_tuned`` "fine-tunes" = base + random perturbations, as float32 safetensors.
 
-    Perturbation sizes differ per model and per tensor so magnitude-based trimming has work to do.
+    Perturbation sizes differ per model and per entry (heavy-tailed) so magnitude-based trimming has work
+    to do; they stay well under the driver's "is this a fine-tune of the base" distance limit.
     Edge cases on purpose: fine-tune 0 leaves one norm untouched (an all-zero task vector), fine-tune 1
     changes only ~70% of each tensor (exact zeros, i.e. ties at zero magnitude). No exactly equal
     NONZERO magnitudes: mergekit breaks such ties by an unstable argsort, slta by position.
@@ -73,7 +74,7 @@ def build_models(root: Path, num_tuned: int = 3, seed: int = 0) -> tuple[Path, l
         g = torch.Generator().manual_seed(1000 + 17 * seed + t)
         sd = {}
         for k, v in sd0.items():
-            scale = 0.02 * (1 + t) * torch.exp(torch.randn(v.shape, generator=g))  # heavy-tailed sizes
+            scale = 0.005 * (1 + t) * torch.exp(torch.randn(v.shape, generator=g))  # heavy-tailed sizes
             delta = scale * torch.randn(v.shape, generator=g)
             if t == 0 and k == "model.layers.0.input_layernorm.weight":
                 delta.zero_()

@@ -215,9 +215,8 @@ def test_dare_rescales_by_one_over_density_where_mergekit_matches_the_l1_norm(zo
         kept = (merged - base[name]) != 0
         assert 0.4 < float(kept.float().mean()) < 0.6, label
     kept = (ours[name] - base[name]) != 0
-    torch.testing.assert_close((ours[name] - base[name])[kept], tau[kept] / 0.5, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close((ours[name] - base[name])[kept], tau[kept] / 0.5, rtol=1e-4, atol=1e-6)
     mk_kept = (ref[name] - base[name]) != 0
-    mk_scale = (ref[name] - base[name])[mk_kept] / tau[mk_kept]
-    l1 = tau.abs().sum() / tau[mk_kept].abs().sum()
-    torch.testing.assert_close(mk_scale, torch.full_like(mk_scale, float(l1)), rtol=1e-4, atol=0)
-    assert abs(float(l1) - 2.0) > 1e-3
+    l1 = float(tau.abs().sum() / tau[mk_kept].abs().sum())
+    assert abs(l1 - 2.0) > 1e-2  # the two rescales really differ on this tensor
+    torch.testing.assert_close((ref[name] - base[name])[mk_kept], tau[mk_kept] * l1, rtol=1e-4, atol=1e-6)

@@ -6,11 +6,11 @@ and its smallest ones (negligible perturbations); the remaining "breadcrumbs" ar
 arithmetic (``breadcrumbs``) or with TIES's sign election (``breadcrumbs_ties``).
 
 Parameterised as in mergekit: ``gamma`` is the fraction of the LARGEST magnitudes dropped and ``density``
-the fraction kept, so the smallest 1 - density - gamma are dropped. (The paper writes the two cuts as
-percentiles of |tau|: everything below the beta-th and above the gamma-th percentile is masked, so
-mergekit's density = gamma_paper - beta_paper and mergekit's gamma = 1 - gamma_paper.)
-Defaults density 0.15, gamma 0.006: keep 15% just below the top 0.6%, the starting point of the authors'
-own hyper-parameter search (github.com/rezazzr/breadcrumbs, find_best_hyperparam.py, "middle_keep").
+the fraction kept, so the smallest 1 - density - gamma are dropped. (The authors' code,
+github.com/rezazzr/breadcrumbs, calls the same two numbers beta = kept and gamma = largest removed, and
+cuts per row where mergekit and slta cut per tensor.) Defaults density 0.15, gamma 0.006: keep 15% just
+below the top 0.6%, the starting point of the authors' hyper-parameter search (find_best_hyperparam.py,
+"middle_keep"); the paper tunes both on validation data.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ SIZES: dict[str, dict] = {
     "tiny": dict(
         vocab_size=384, hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, max_len=256,
         n_nouns=12, n_verbs=6, n_adjs=6,
-        math_min_steps=1, math_max_steps=2, code_min_len=3, code_max_len=4,
+        math_min_steps=1, math_max_steps=2, math_quote=True, code_min_len=3, code_max_len=4,
         pretrain_docs=4000, pretrain_steps=150, pretrain_batch=16, block=128, pretrain_lr=3e-3,
         train_examples=2000, finetune_steps=100, finetune_batch=16, finetune_lr=2e-3,
         n_calib=32, n_val=32, n_test=48, warmup=20, weight_decay=0.1,
@@ -45,7 +45,7 @@ SIZES: dict[str, dict] = {
     "default": dict(
         vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352, max_len=256,
         n_nouns=24, n_verbs=12, n_adjs=10,
-        math_min_steps=2, math_max_steps=3, code_min_len=3, code_max_len=6,
+        math_min_steps=2, math_max_steps=3, math_quote=True, code_min_len=3, code_max_len=6,
         pretrain_docs=60000, pretrain_steps=1500, pretrain_batch=32, block=128, pretrain_lr=2e-3,
         train_examples=40000, finetune_steps=1200, finetune_batch=32, finetune_lr=1e-3,
         n_calib=128, n_val=200, n_test=300, warmup=100, weight_decay=0.1,
@@ -121,9 +121,9 @@ def _build(out: Path, recipe: dict, progress: bool) -> dict:
 
     data = make_data(recipe)
     splits = data["splits"]
-    # The tokenizer sees all text the models will ever see (it learns no skill from it).
-    train_text = [e["prompt"] + e["response"] for t in tasks.TASKS for e in splits[t]["train"]]
-    tok = train_tokenizer(data["docs"] + train_text, p["vocab_size"])
+    # The tokenizer learns from the pre-training corpus only, so the base does not depend on
+    # the response formats (symbols only responses use, like "=", stay single bytes).
+    tok = train_tokenizer(data["docs"], p["vocab_size"])
     for task in tasks.TASKS:
         write_jsonl(out / "data" / task / "calib.jsonl", [{"prompt": e["prompt"], "response": e["response"]} for e in splits[task]["calib"]])
         for name in ("val", "test"):

@@ -37,25 +37,38 @@ SUB_STEPS = ["gives away {n} {x}", "loses {n} {x}", "sells {n} {x}", "eats {n} {
 MAX_VALUE = 40  # the running total stays in [0, MAX_VALUE] so every step is a small lookup
 
 
-def math_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -> tuple[str, str, str]:
-    """Returns (question, chain of thought + answer, answer)."""
+def math_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3, quote: bool = True) -> tuple[str, str, str]:
+    """Returns (question, chain of thought + answer, answer).
+
+    With ``quote`` each thought starts by quoting the step it works on ("wins 5: 5 + 5 = 10."):
+    finding the next operand is then copying what follows the last quoted step in the
+    question (what induction heads do), not counting sentences.
+    """
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     value = rng.randint(2, 20)
     sentences = [f"{name} has {value} {thing}."]
     thoughts = []
-    for i in range(rng.randint(min_steps, max_steps)):
-        # Choose a sign that keeps the total in range; operands are 1..9.
-        n = rng.randint(1, 9)
-        add = rng.random() < 0.5
+    used: set[tuple[str, int]] = set()
+
+    def pick_step() -> tuple[str, int, bool]:
+        # Operands are 1..9; the sign is flipped when needed to keep the total in range.
+        n, add = rng.randint(1, 9), rng.random() < 0.5
         if add and value + n > MAX_VALUE:
             add = False
         if not add and value - n < 0:
             add = True
-        template = rng.choice(ADD_STEPS if add else SUB_STEPS)
+        return rng.choice(ADD_STEPS if add else SUB_STEPS), n, add
+
+    for i in range(rng.randint(min_steps, max_steps)):
+        template, n, add = pick_step()
+        while (template.split()[0], n) in used:  # distinct steps keep a quoted step unambiguous
+            template, n, add = pick_step()
+        used.add((template.split()[0], n))
         lead = name if i == 0 else "Then " + name
         sentences.append(f"{lead} {template.format(n=n, x=thing)}.")
         new = value + n if add else value - n
-        thoughts.append(f"{value} {'+' if add else '-'} {n} = {new}.")
+        quoted = f"{template.split()[0]} {n}: " if quote else ""
+        thoughts.append(f"{quoted}{value} {'+' if add else '-'} {n} = {new}.")
         value = new
     question = " ".join(sentences) + f" How many {thing} does {name} have now?"
     return question, " ".join(thoughts) + f" #### {value}", str(value)
@@ -72,7 +85,10 @@ def math_story(rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------------------
 # code: output of a short snippet on a list of digits
 
-CODE_EXPRS = ["sorted(x)", "x[::-1]", "min(x)", "max(x)", "len(x)", "x[{i}]", "sorted(x)[::-1]", "sorted(x)[{i}]"]
+# Content-based operations only (a transformer finds "the smallest digit left" or "every 3"
+# easily, but "the 4th element" or "the list backwards" needs position arithmetic it learns
+# slowly). Sorting, the hardest, is listed twice.
+CODE_EXPRS = ["sorted(x)", "sorted(x)", "sorted(x, reverse=True)", "sorted(set(x))", "min(x)", "max(x)", "len(x)", "x[0]", "x[-1]", "x.count({v})", "{v} in x"]
 
 
 def _fmt_list(xs: list[int]) -> str:
@@ -82,7 +98,7 @@ def _fmt_list(xs: list[int]) -> str:
 def code_snippet(rng: random.Random, min_len: int = 3, max_len: int = 6) -> tuple[str, str]:
     """Returns (snippet, expression) with the list literal bound to x."""
     xs = [rng.randint(0, 9) for _ in range(rng.randint(min_len, max_len))]
-    expr = rng.choice(CODE_EXPRS).format(i=rng.randrange(len(xs)))
+    expr = rng.choice(CODE_EXPRS).format(v=rng.randint(0, 9))
     return f"x = {_fmt_list(xs)}\nprint({expr})", expr
 
 
@@ -161,7 +177,7 @@ def format_prompt(task: str, question: str) -> str:
 def make_example(task: str, rng: random.Random, lex: Lexicon, hard: dict) -> dict:
     """One example: {"prompt", "response", "answer"}; the response starts with a space."""
     if task == "math":
-        q, response, answer = math_problem(rng, hard["math_min_steps"], hard["math_max_steps"])
+        q, response, answer = math_problem(rng, hard["math_min_steps"], hard["math_max_steps"], hard.get("math_quote", True))
     elif task == "code":
         q, response, answer = code_problem(rng, hard["code_min_len"], hard["code_max_len"])
     elif task == "translate":
