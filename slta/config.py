@@ -108,7 +108,18 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
     return cfg
 
 
+def _drop_base_from_models(cfg: MergeConfig) -> None:
+    """mergekit configs often list the base model among `models` with no parameters; mergekit
+    drops that entry, and so do we (otherwise `linear` would average the base in)."""
+    if not cfg.base_model:
+        return
+    base = Path(cfg.base_model).expanduser().resolve()
+    cfg.models = [e for e in cfg.models
+                  if not (Path(e.model).expanduser().resolve() == base and not e.parameters and not e.data)]
+
+
 def _validate_method(cfg: MergeConfig, where: str) -> None:
+    _drop_base_from_models(cfg)
     try:
         m = cfg.method()
     except KeyError as e:

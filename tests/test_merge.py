@@ -188,3 +188,14 @@ def test_exported_mergekit_config_reproduces_the_merge(tmp_path, arch, granulari
     assert exported.exists()
     again = run_merge(exported, tmp_path / "again", progress=False)
     close(tensors(again), tensors(out), rtol=1e-6)
+
+
+def test_base_listed_among_models_is_dropped_like_mergekit(tmp_path):
+    base, tuned = make_family(tmp_path, "llama", T=2)
+    w0, ws = tensors(base), [tensors(t) for t in tuned]
+    import yaml
+    cfg = {"merge_method": "linear", "base_model": str(base),
+           "models": [{"model": str(base)}] + [{"model": str(t), "parameters": {"weight": 1.0}} for t in tuned]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    out = run_merge(tmp_path / "c.yml", tmp_path / "out", progress=False)
+    close(tensors(out), {n: (ws[0][n] + ws[1][n]) / 2 for n in w0})
