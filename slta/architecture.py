@@ -94,6 +94,8 @@ class Plan:
 def load_config(folder: str | Path, label: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
     folder = Path(folder)
     label = label or str(folder)
+    if not folder.is_dir():
+        raise ArchitectureError(f"{label}: model folder {folder} does not exist (check the path in the config)")
     if not (folder / "config.json").exists():
         raise ArchitectureError(f"{label}: no config.json in {folder}")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from slta import __version__
 
@@ -25,6 +26,21 @@ def _solve(a: argparse.Namespace) -> None:
     out = run_solve(a.stats, a.output, models=models, balance=a.balance, overwrite=a.overwrite,
                     shard_size=a.shard_size, dtype=a.dtype, progress=not a.quiet)
     print(f"merged model written to {out}")
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from slta.evaluate import eval_main
+
+    eval_main(a.model, a.tasks, split=a.split, out=a.out, device=a.device, batch_size=a.batch_size,
+              max_new_tokens=a.max_new_tokens, limit=a.limit, progress=not a.quiet)
+
+
+def _zoo(a: argparse.Namespace) -> None:
+    from slta.zoo import build_zoo
+
+    t0 = time.perf_counter()
+    out = build_zoo(a.dir, size=a.size, seed=a.seed, force=a.force, progress=not a.quiet)
+    print(f"zoo ready in {out} ({time.perf_counter() - t0:.0f}s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +72,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_solve)
 
+    e = sub.add_parser("eval", help="exact-match accuracy of a model on task files (JSONL prompt/answer)")
+    e.add_argument("model", help="Hugging Face model folder")
+    e.add_argument("--tasks", nargs="+", required=True,
+                   help="JSONL files, or folders holding TASK/SPLIT.jsonl (e.g. zoo/default/data)")
+    e.add_argument("--split", default="test", help="split file name used inside task folders (default: test)")
+    e.add_argument("--out", help="write scores and predictions as JSON here")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--limit", type=int, help="first N examples per task")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+
+    z = sub.add_parser("zoo", help="the demo model zoo")
+    zs = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zs.add_parser("build", help="build (or reuse) the demo zoo: a base and three full fine-tunes")
+    zb.add_argument("dir", help="zoo folder")
+    zb.add_argument("--size", default="default", choices=("tiny", "default"))
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--force", action="store_true", help="rebuild even if the recipe is unchanged")
+    zb.add_argument("-q", "--quiet", action="store_true")
+    zb.set_defaults(func=_zoo)
+
     for register in _extra_commands():
         register(sub)
     return p
 
 
 # Modules that add their own subcommand with `add_cli(subparsers)`, beside their implementation.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("slta.demo", "slta.linearity", "slta.figures")
 
 
 def _extra_commands() -> list:
@@ -86,9 +125,17 @@ def _pin_mmap_threshold() -> None:
         pass
 
 
+def _terminate(signum, frame) -> None:
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the temporary output folder is removed.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _pin_mmap_threshold()
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         args.func(args)

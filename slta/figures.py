@@ -38,6 +38,12 @@ def _val(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
+def _headroom(ax: Any) -> None:
+    """y from 0 with room above the tallest bar + error bar for the value labels."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(0, hi * 1.15 if hi > 0 else 1)
+
+
 def fig2_scores(data: dict[str, Any], path: Path) -> Path:
     """Figure 2: Non-linearity Score (Eq. 19) per level, a group of bars per fine-tuned model."""
     score = data["summary"]["score"]
@@ -56,10 +62,9 @@ def fig2_scores(data: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(x, names)
     ax.set_ylabel("Non-linearity Score (Eq. 19)")
     ax.set_title(f"Non-linearity Score per level (N={data['steps']}; lower is more linear)")
-    ax.set_ylim(bottom=0)
+    _headroom(ax)
     ax.legend(fontsize=8)
     ax.set_xlabel("fine-tuned model (error bars: std over modules; model level: over samples)", fontsize=8)
-    ax.margins(y=0.15)
     return _save(fig, path)
 
 
@@ -82,7 +87,7 @@ def fig3_projection(data: dict[str, Any], path: Path) -> Path:
         ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
         ax.set_title(f"merging {size} models (α grid {data['merge_grids'].get(size)})", fontsize=9)
         ax.set_ylabel("projection distance (Eq. 8)")
-        ax.set_ylim(bottom=0)
+        _headroom(ax)
     fig.suptitle("Projection distance per level (lower is more linear)", fontsize=10)
     return _save(fig, path)
 
@@ -104,17 +109,19 @@ def fig4_cosine(data: dict[str, Any], path: Path) -> Path:
             ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=2)
         ax.set_xticks(x, [LEVEL_LABELS.get(lv, lv) for lv in levels])
         ax.set_title(f"merging {size} models", fontsize=9)
-        ax.set_ylim(bottom=0)
+        _headroom(ax)
         ax.legend(fontsize=7)
     fig.suptitle("Cosine similarity per level (lower 1 - cosine_merge is more linear)", fontsize=10)
     return _save(fig, path)
 
 
 def default_fig6_modules(data: dict[str, Any]) -> list[str]:
-    """As the paper's Figure 6: the model, a middle layer and that layer's MLP (those analysed)."""
+    """As the paper's Figure 6: the model, a middle layer and that layer's MLP (or what was analysed)."""
     mid = data["num_layers"] // 2
-    return [m for m in ("model", f"layers.{mid}", f"layers.{mid}.mlp") if m in data["modules"]][:3] \
-        or list(data["modules"])[:1]
+    want = ["model", f"layers.{mid}"]
+    want += [next((m for m in (f"layers.{mid}.mlp", f"layers.{mid}.attn", f"layers.{mid}.head.0")
+                   if m in data["modules"]), "")]
+    return [m for m in want if m in data["modules"]] or list(data["modules"])[:1]
 
 
 def fig6_matrices(data: dict[str, Any], path: Path, modules: Sequence[str] | None = None) -> Path:

@@ -147,18 +147,25 @@ def make_versions(T: int, steps: int = STEPS, merge_sizes: Sequence[int] = (2, 3
     return Versions(T, steps, coefs, path, combos)
 
 
-def interpolate(versions: list[dict[str, torch.Tensor]], coef: Sequence[float]) -> dict[str, torch.Tensor]:
-    """θ_0 + Σ_t c_t τ_t (Eq. 1) tensor by tensor; the base or a fine-tune itself when c is 0 or a unit vector."""
+def task_vectors(versions: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """[θ_0, θ_1, .., θ_T] -> [θ_0, τ_1, .., τ_T] (τ_t = θ_t - θ_0), replacing each θ_t as it goes."""
+    base = versions[0]
+    out = [base]
+    for v in versions[1:]:
+        out.append({k: v.pop(k) - base[k] for k in list(v)})
+    return out
+
+
+def interpolate(taus: list[dict[str, torch.Tensor]], coef: Sequence[float]) -> dict[str, torch.Tensor]:
+    """θ_0 + Σ_t c_t τ_t (Eq. 1), tensor by tensor, from [θ_0, τ_1, .., τ_T]; the base itself when c = 0."""
     nz = [(t, c) for t, c in enumerate(coef) if c != 0.0]
     if not nz:
-        return versions[0]
-    if len(nz) == 1 and nz[0][1] == 1.0:
-        return versions[nz[0][0] + 1]
+        return taus[0]
     out = {}
-    for k, w0 in versions[0].items():
-        w = w0.clone()
-        for t, c in nz:
-            w += c * (versions[t + 1][k] - w0)
+    for k, w0 in taus[0].items():
+        w = torch.add(w0, taus[nz[0][0] + 1][k], alpha=nz[0][1])
+        for t, c in nz[1:]:
+            w.add_(taus[t + 1][k], alpha=c)
         out[k] = w
     return out
 
@@ -270,8 +277,8 @@ def accumulate(feat: Callable[[int], dict[str, Feature]], vs: Versions, stats: d
         seq = [f0] + [feat(v) for v in vs.path[t][1:]]
         for name in names:
             x0 = flat(f0[name], valid)
-            x = torch.stack([x0] + [flat(s[name], valid) - x0 for s in seq[1:]], 1)
-            x[:, 0] = 0  # differences from the base: same distances, less cancellation
+            # differences from the base: the same distances, with less cancellation
+            x = torch.stack([torch.zeros_like(x0)] + [flat(s[name], valid) - x0 for s in seq[1:]], 1)
             stats[name].add_path(t, x, samples)
             del x
         finals[t] = seq[-1]
@@ -323,7 +330,7 @@ def module_pass(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], v
     dev, dt = runner.device, runner.dtype
     for label, group in tqdm(groups, desc="slta analyze: modules", disable=not progress, unit="layer"):
         i = int(label.split()[1])
-        versions = [to_compute(sub(g, layer_prefix(i)), dev, dt) for g in load_group(ins, group)]
+        versions = task_vectors([to_compute(sub(g, layer_prefix(i)), dev, dt) for g in load_group(ins, group)])
         base = versions[0]
         for batch in batches:
             h = batch.h
@@ -353,18 +360,21 @@ def model_pass(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], vs
         hi = min(vocab, lo + ROW_BLOCK)
         blocks = [ck.get_rows(embed, lo, hi).to(dev, dt) for ck in ins.all]
         _check_finite(ins, embed, blocks)
-        sels = {id(b): (b.ids >= lo) & (b.ids < hi) & b.valid for b in batches}
-        for v in range(V):
-            rows = interpolate([{"w": x} for x in blocks], vs.coefs[v])["w"]
-            for b in batches:
-                sel = sels[id(b)]
-                if sel.any():
-                    streams[id(b)][v] += rows[(b.ids - lo).clamp(0, hi - lo - 1)] * sel[..., None]
+        taus = task_vectors([{"w": x} for x in blocks])
         del blocks
+        for b in batches:  # gather the batch's rows of θ_0 and every τ_t, then combine them per version
+            sel = (b.ids >= lo) & (b.ids < hi) & b.valid
+            if not sel.any():
+                continue
+            local = (b.ids - lo).clamp(0, hi - lo - 1)
+            rows = [{"w": x["w"][local] * sel[..., None]} for x in taus]
+            for v in range(V):
+                streams[id(b)][v] += interpolate(rows, vs.coefs[v])["w"]
+        del taus
     groups = [g for g in layer_groups(plan) if g[0] not in ("embed", "head")]
     for label, group in tqdm(groups, desc=desc, disable=not progress, unit="layer"):
         i = int(label.split()[1])
-        versions = [to_compute(sub(g, layer_prefix(i)), dev, dt) for g in load_group(ins, group)]
+        versions = task_vectors([to_compute(sub(g, layer_prefix(i)), dev, dt) for g in load_group(ins, group)])
         for v in range(V):
             p = interpolate(versions, vs.coefs[v])
             for b in batches:
@@ -372,7 +382,7 @@ def model_pass(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], vs
             del p
         del versions
     norm_names = [n for n in ins.base.names() if n.startswith("model.norm.")]
-    norms = [to_compute(sub(g, "model.norm."), dev, dt) for g in load_group(ins, norm_names)]
+    norms = task_vectors([to_compute(sub(g, "model.norm."), dev, dt) for g in load_group(ins, norm_names)])
     norm_mod = runner.model.model.norm
     for v in range(V):
         p = interpolate(norms, vs.coefs[v])
@@ -525,7 +535,8 @@ def analyze(config: str | Path | dict | MergeConfig, device: str = "cpu", num_sa
         raise ConfigError(f"unknown level {bad[0]!r}; use some of {', '.join(LEVELS)}")
     if steps < 1:
         raise ConfigError(f"steps must be at least 1, got {steps}")
-    cfg = analysis_config(config, num_samples)
+    original = load_config(config)
+    cfg = analysis_config(original, num_samples)
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
     ins = open_inputs(cfg)
@@ -588,7 +599,8 @@ def analyze(config: str | Path | dict | MergeConfig, device: str = "cpu", num_sa
         "merge_grids": {str(k): list(v) for k, v in MERGE_GRIDS.items() if k <= T} if merging else {},
         "dtype": dtype_name(dt),
         "device": str(dev),
-        "config": cfg.model_dump(mode="json"),
+        "config": original.model_dump(mode="json"),
+        "calibration": {k: cfg.param(k) for k in CALIB_DEFAULTS},
         "definitions": {
             "score": "Eq. 19: sum over i,j in 0..N of (D(f(θ_i),f(θ_j)) / D(f(θ_N),f(θ_0)) - |i-j|/N)^2 per sample; "
                      "mean/std over samples (all tasks' calibration samples, base-model inputs)",

@@ -389,3 +389,22 @@ def test_report_draws_alpha_heatmap_from_a_merge(tmp_path, capsys):
     png = tmp_path / "fig5.png"
     cli(["report", str(tmp_path / "m_layer" / "slta_report.json"), "-o", str(png)])
     assert is_png(png) and "figure written" in capsys.readouterr().out
+
+
+def test_a_fine_tune_equal_to_the_base_gives_null_not_nan(tmp_path):
+    """A module a fine-tune left unchanged has D(f(θ_N), f(θ_0)) = 0: its score is undefined, reported
+    as null (valid JSON), and the figures still draw."""
+    base, tuned = make_family(tmp_path, "llama", T=2, layers=2, scale=0.1)
+    same = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    save_model(same, tuned[1])
+    data = make_data(tmp_path, T=2, n=4)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, num_samples=2)
+    out = run_analyze(cfg, tmp_path / "r", progress=False, levels=["model", "mlp"])
+    text = (out / "linearity.json").read_text()
+    assert "NaN" not in text
+    d = json.loads(text)
+    assert d["modules"]["layers.0.mlp"]["score"]["mean"][1] is None
+    assert d["modules"]["layers.0.mlp"]["score"]["mean"][0] > 0
+    assert d["summary"]["score"]["mlp"][1]["mean"] is None
+    assert d["modules"]["model"]["merging"][0]["projection_distance"][0] is not None  # α_1 τ_1 alone still defined
+    assert is_png(out / "fig2_nonlinearity_score.png") and is_png(out / "fig6_distance_matrix.png")

@@ -46,8 +46,8 @@ SIZES: dict[str, dict] = {
         vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352, max_len=256,
         n_nouns=24, n_verbs=12, n_adjs=10,
         math_min_steps=2, math_max_steps=3, math_quote=True, code_min_len=3, code_max_len=6,
-        pretrain_docs=60000, pretrain_steps=1500, pretrain_batch=32, block=128, pretrain_lr=2e-3,
-        train_examples=40000, finetune_steps=1200, finetune_batch=32, finetune_lr=1e-3,
+        pretrain_docs=60000, pretrain_steps=800, pretrain_batch=16, block=128, pretrain_lr=2e-3,
+        train_examples=40000, finetune_steps=800, finetune_batch=32, finetune_lr=3e-3,
         n_calib=128, n_val=200, n_test=300, warmup=100, weight_decay=0.1,
     ),
 }

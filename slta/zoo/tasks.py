@@ -88,7 +88,7 @@ def math_story(rng: random.Random) -> str:
 # Content-based operations only (a transformer finds "the smallest digit left" or "every 3"
 # easily, but "the 4th element" or "the list backwards" needs position arithmetic it learns
 # slowly). Sorting, the hardest, is listed twice.
-CODE_EXPRS = ["sorted(x)", "sorted(x)", "sorted(x, reverse=True)", "sorted(set(x))", "min(x)", "max(x)", "len(x)", "x[0]", "x[-1]", "x.count({v})", "{v} in x"]
+CODE_EXPRS = ["sorted(x)", "sorted(x)", "sorted(x, reverse=True)", "sorted(set(x))", "min(x)", "max(x)", "len(x)", "x[0]", "x[-1]", "x.count({v})"]
 
 
 def _fmt_list(xs: list[int]) -> str:
