@@ -1,0 +1,110 @@
+"""Reproducibility, interrupted runs, and a property-based test of the config loader."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slta.config import ConfigError, load_config
+from slta.merge import run_merge
+from tiny import make_data, make_family, write_config
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("method", ["slta", "ties", "dare_linear"])
+def test_same_config_gives_byte_identical_output(tmp_path, method):
+    base, tuned = make_family(tmp_path, "llama", T=2)
+    data = make_data(tmp_path, T=2)
+    params = {"slta": {"granularity": "attn_mlp", "num_samples": 5}, "ties": {"density": 0.3, "weight": 1.0},
+              "dare_linear": {"density": 0.5, "weight": 0.8, "seed": 3}}[method]
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data if method == "slta" else None, method=method, **params)
+    a = files_of(run_merge(cfg, tmp_path / "a", progress=False))
+    b = files_of(run_merge(cfg, tmp_path / "b", progress=False))
+    assert set(a) == set(b)
+    for name in a:
+        if name == "slta_report.json":  # identical but for the timings
+            ra, rb = json.loads(a[name]), json.loads(b[name])
+            ra.pop("timings"), rb.pop("timings")
+            assert ra == rb
+        else:
+            assert a[name] == b[name], name
+    report = json.loads(a["slta_report.json"])
+    assert {"torch", "transformers", "safetensors"} <= set(report["versions"]) and report["slta_version"]
+
+
+def test_killed_merge_leaves_no_output(tmp_path):
+    """SIGTERM midway: no OUT, and the temporary folder is removed."""
+    base, tuned = make_family(tmp_path, "llama", T=3, layers=6, hidden=64)
+    data = make_data(tmp_path, T=3, n=30)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity="head_mlp", num_samples=30, batch_size=1)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "slta.cli", "merge", str(cfg), "-o", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the merge finished before it could be interrupted; make it bigger"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+# -- the config loader never crashes with anything but a clear ConfigError ---------------------------
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=8))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                      max_leaves=8)
+keys = st.sampled_from(["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+                        "tokenizer_source", "name", "model", "data", "weight", "granularity", "typo"])
+configs = st.one_of(
+    values,
+    st.dictionaries(keys, values, max_size=6),
+    st.fixed_dictionaries({"merge_method": st.sampled_from(["slta", "ties", "task_arithmetic", "dare", "regmean",
+                                                            "linear", "consensus_ta", "breadcrumbs"]),
+                           "base_model": st.text(min_size=1, max_size=5),
+                           "models": st.lists(st.fixed_dictionaries({"model": st.text(min_size=1, max_size=5)},
+                                                                    optional={"data": values, "parameters": values}),
+                                              max_size=3)},
+                          optional={"parameters": st.dictionaries(
+                              st.sampled_from(["weight", "density", "lambda", "granularity", "num_samples", "balance",
+                                               "seed", "gamma", "k", "normalize", "alpha", "epsilon"]),
+                              values, max_size=4),
+                              "dtype": values}),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs)
+def test_config_loader_only_raises_config_errors(raw):
+    try:
+        load_config(raw)
+    except ConfigError as e:
+        assert str(e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_arbitrary_yaml_text(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("cfg") / "c.yml"
+    path.write_text(text)
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(path) in str(e)
