@@ -213,7 +213,7 @@ class ShardedWriter:
     """
 
     def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
-                 max_shard_size: int, metadata: dict[str, str] | None = None):
+                 max_shard_size: int, metadata: dict[str, str] | None = None, resume: bool = False):
         self.folder, self.dtype = Path(folder), dtype
         item = _itemsize(dtype)
         shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -243,9 +243,15 @@ class ShardedWriter:
             blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
             start = 8 + len(blob)
             path = self.folder / fname
-            fh = open(path, "wb")
-            fh.write(struct.pack("<Q", len(blob)) + blob)
-            fh.truncate(start + offset)
+            head = struct.pack("<Q", len(blob)) + blob
+            if resume and path.exists() and path.stat().st_size == start + offset:
+                fh = open(path, "r+b")  # same plan, same layout: written tensors stay where they are
+                if fh.read(len(head)) != head:
+                    raise RuntimeError(f"{path}: the partial output was planned differently; cannot resume")
+            else:
+                fh = open(path, "wb")
+                fh.write(head)
+                fh.truncate(start + offset)
             self._handles.append(fh)
             self.files.append(path)
             for name, shape in shard:
@@ -269,6 +275,12 @@ class ShardedWriter:
         if row_offset + (t.shape[0] if t.dim() else 1) >= rows:
             self.written.add(name)
 
+    def flush(self) -> None:
+        """Make everything written so far durable (before a resume journal records it)."""
+        for fh in self._handles:
+            fh.flush()
+            os.fsync(fh.fileno())
+
     def finish(self) -> None:
         for fh in self._handles:
             fh.close()
@@ -288,23 +300,26 @@ class ShardedWriter:
 
 
 @contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(out: str | Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; move it to `out` only if the block completes.
 
-    A crash, Ctrl-C or error leaves no `out` (and removes the temporary folder where it can).
+    A crash, Ctrl-C or error leaves no `out`. The temporary folder is removed then, unless
+    `resume` is set: a resumable run works in `.OUT.partial`, which survives an interruption and
+    is picked up by the next run with `resume`.
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
+    tmp = partial_folder(out) if resume else out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists() and not resume:
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -313,3 +328,8 @@ def atomic_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def partial_folder(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"

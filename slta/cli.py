@@ -15,7 +15,7 @@ def _merge(a: argparse.Namespace) -> None:
     from slta.merge import run_merge
 
     out = run_merge(a.config, a.output, overwrite=a.overwrite, device=a.device, shard_size=a.shard_size,
-                    progress=not a.quiet, save_stats=not a.no_stats)
+                    progress=not a.quiet, save_stats=not a.no_stats, resume=a.resume)
     print(f"merged model written to {out}")
 
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     m.add_argument("--shard-size", default="5GB", help="maximum safetensors shard size (default: 5GB)")
     m.add_argument("--no-stats", action="store_true", help="do not save slta_stats.safetensors")
+    m.add_argument("--resume", action="store_true",
+                   help="work in OUT.partial and keep it if interrupted; rerun with --resume to continue "
+                        "from the layers already written")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=_merge)
 

@@ -9,6 +9,7 @@ write tensor group by tensor group. Memory is bounded by one layer, never by the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -250,6 +251,62 @@ class SltaResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class Journal:
+    """Progress of a resumable merge (`--resume`), kept in OUT.partial: the groups of tensors that are
+    durably written, and for slta the solved modules and the Gram statistics so far. Without a
+    folder (a run without --resume) every method is a no-op."""
+
+    FILE, GRAMS = "slta_progress.json", "slta_progress_grams.safetensors"
+
+    def __init__(self, folder: Path | None, fingerprint: str):
+        self.folder, self.fingerprint = folder, fingerprint
+        self.done: list[str] = []
+        self.modules: dict[str, dict] = {}
+        if folder is None or not (folder / self.FILE).exists():
+            return
+        saved = json.loads((folder / self.FILE).read_text())
+        if saved.get("fingerprint") != fingerprint:
+            log.warning("%s holds a partial merge of a different config; starting over", folder)
+            for f in folder.iterdir():
+                f.unlink() if f.is_file() else shutil.rmtree(f)
+            return
+        self.done, self.modules = saved["done"], saved.get("modules", {})
+        if self.done:
+            log.info("resuming: %d of the tensor groups were already written (%s ... %s)", len(self.done),
+                     self.done[0], self.done[-1])
+
+    @property
+    def resuming(self) -> bool:
+        return bool(self.done)
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        if self.folder is None or not (self.folder / self.GRAMS).exists():
+            return {}
+        from safetensors.torch import load_file
+
+        return load_file(self.folder / self.GRAMS)
+
+    def mark(self, label: str, writer: ShardedWriter, modules: dict[str, dict] | None = None,
+             grams: dict[str, torch.Tensor] | None = None) -> None:
+        if self.folder is None:
+            return
+        writer.flush()  # the tensors first, then the record that says they are there
+        if grams is not None:
+            tmp = self.folder / (self.GRAMS + ".tmp")
+            save_file({k: v.cpu().contiguous() for k, v in grams.items()}, str(tmp))
+            tmp.replace(self.folder / self.GRAMS)
+        self.done.append(label)
+        self.modules.update(modules or {})
+        tmp = self.folder / (self.FILE + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done, "modules": self.modules}))
+        tmp.replace(self.folder / self.FILE)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            for name in (self.FILE, self.GRAMS):
+                (self.folder / name).unlink(missing_ok=True)
+
+
 def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
     from transformers import AutoTokenizer
 
@@ -273,7 +330,8 @@ def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
 
 
 def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, device: torch.device,
-                      progress: bool = True, compute_dtype: torch.dtype = torch.float32) -> SltaResult:
+                      progress: bool = True, compute_dtype: torch.dtype = torch.float32,
+                      journal: Journal | None = None) -> SltaResult:
     """Stream the layers, accumulate Grams, solve α per module and (if a writer is given) write."""
     cfg = ins.cfg
     T = len(ins.tuned)
@@ -291,22 +349,44 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
     alphas: dict[str, np.ndarray] = {}
     model_level = plan.granularity == "model"
     tied = plan.tied
+    journal = journal or Journal(None, "")
+    for name, g in journal.grams().items():  # resuming: the statistics gathered so far
+        store.g[name].copy_(g.to(device))
+    for name, info in journal.modules.items():
+        sols[name] = Solution(np.array(info["alpha"]), info["rule"], info["rank"],
+                              float("inf") if info["cond"] is None else info["cond"], np.zeros(0), np.zeros(0),
+                              info["skipped_samples"])
+        alphas[name] = sols[name].alpha
 
     def solve(name: str) -> None:
         sols[name] = solve_module(store.g[name].cpu().numpy(), task_of, balance, rcond=rcond)
         alphas[name] = sols[name].alpha
+
+    def mark(label: str, names: list[str]) -> None:
+        if writer is not None:
+            journal.mark(label, writer, {n: sols[n].to_json() for n in names}, store.g)
 
     groups = layer_groups(plan)
     bar = tqdm(groups, desc="slta: layers", disable=not progress, unit="layer")
     t_feat = time.perf_counter()
     for label, group in bar:
         bar.set_postfix_str(label)
+        if label in journal.done:  # resuming: only the base forward pass is replayed
+            if label == "embed":
+                embed_stage(ins, plan, runner, batches, None)
+            else:
+                i = int(label.split()[1])
+                replay_base_layer(runner, i, plan, load_group_of(ins.base, group, i, device, compute_dtype), batches)
+            continue
         if label == "embed":
             embed_stage(ins, plan, runner, batches, store, model_level)
             if not model_level and not tied:
                 solve("embed")
                 if writer:
                     write_alpha_tensors(ins, plan, writer, alphas, group)
+                mark(label, ["embed"])
+            elif not model_level:
+                mark(label, [])
         elif label == "head":
             head_stage(ins, plan, runner, batches, store, model_level)
             finals = ["model"] + ([] if tied else ["lm_head"]) if model_level else (["embed_head"] if tied else ["head"])
@@ -327,6 +407,7 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
                     solve(m.name)
                 if writer:
                     write_alpha_tensors(ins, plan, writer, alphas, group, loaded)
+                mark(label, [m.name for m in plan.layer_modules(i)])
             del loaded, versions
     timings["features_and_solve"] = time.perf_counter() - t_feat
     if model_level and writer:  # α is known only now: a second pass writes every tensor
@@ -338,6 +419,22 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
                 write_alpha_tensors(ins, plan, writer, alphas, group, load_group(ins, group))
         timings["write"] = time.perf_counter() - t_w
     return SltaResult(sols, {k: v.cpu() for k, v in store.g.items()}, task_of, indices, timings)
+
+
+def load_group_of(ck: Checkpoint, group: list[str], i: int, device: torch.device,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return to_compute(sub(ck.get_many(group), layer_prefix(i)), device, dtype)
+
+
+def replay_base_layer(runner: Runner, i: int, plan: Plan, base: dict[str, torch.Tensor], batches: list[Batch]) -> None:
+    """Advance the base hidden states through layer i exactly as `layer_features` does (same calls,
+    same order), so a resumed run computes bit-identical statistics for the layers after it."""
+    for b in batches:
+        if plan.granularity == "layer":
+            b.h = runner.layer_out(i, base, b.h, b)
+        else:
+            m = b.h + runner.attn_out(i, base, b.h, b)
+            b.h = m + runner.mlp_out(i, base, m)
 
 
 def embed_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore | None,
@@ -407,7 +504,8 @@ def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], st
 
 # -- data-free methods ------------------------------------------------------------------------------
 
-def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device, progress: bool = True) -> None:
+def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device, progress: bool = True,
+                    journal: Journal | None = None) -> None:
     """Tensor-by-tensor methods; parameters resolved per tensor with mergekit's rules."""
     from slta.methods.params import layer_index, resolve_tensor_params
 
@@ -415,7 +513,10 @@ def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torc
     method = cfg.method()
     seed = int(cfg.param("seed"))
     own = [e.parameters for e in cfg.models]
+    journal = journal or Journal(None, "")
     for label, group in tqdm(layer_groups(plan), desc=f"{method.name}: layers", disable=not progress, unit="layer"):
+        if label in journal.done:
+            continue
         loaded = load_group(ins, group)
         for n in group:
             per_model, shared = resolve_tensor_params(method, own, cfg.parameters, n, layer_index(n), plan.num_layers)
@@ -426,14 +527,19 @@ def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torc
                 raise MergeError(f"{method.name} produced non-finite values for tensor {n}")
             writer.write(n, merged)
         del loaded
+        journal.mark(label, writer)
 
 
 # -- the whole command ------------------------------------------------------------------------------
 
 def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrite: bool = False,
               device: str = "cpu", shard_size: str | int = "5GB", progress: bool = True,
-              save_stats: bool = True) -> Path:
-    """`slta merge CONFIG -o OUT`: run the merge the config describes and write a Hugging Face folder."""
+              save_stats: bool = True, resume: bool = False) -> Path:
+    """`slta merge CONFIG -o OUT`: run the merge the config describes and write a Hugging Face folder.
+
+    With `resume`, the run works in OUT.partial, which an interruption leaves behind, and continues
+    from the tensor groups already written there (the work per layer is deterministic, so the
+    result is byte-identical to an uninterrupted run)."""
     started = time.perf_counter()
     cfg = load_merge_config(config)
     dev = resolve_device(device)
@@ -443,12 +549,22 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     plan = build_plan(ins.hf_config, ins.base.names(), granularity)
     out = Path(out)
     report: dict[str, Any] = {"method": method.name}
-    with atomic_output(out, overwrite) as tmp:
+    resumable = resume and not (method.name == "regmean" or granularity == "model")
+    if resume and not resumable:
+        log.warning("%s merges are not resumable (%s); this run starts from the beginning",
+                    method.name, "two passes over the model" if granularity == "model" else "no journal")
+    with atomic_output(out, overwrite, resume=resumable) as tmp:
+        fingerprint = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), dtype_name(ins.out_dtype),
+                                                 str(shard_size), slta.__version__], sort_keys=True).encode()).hexdigest()
+        journal = Journal(tmp if resumable else None, fingerprint)
         writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
-                               parse_size(shard_size))
+                               parse_size(shard_size), resume=journal.resuming)
+        for label, group in layer_groups(plan):
+            if label in journal.done:
+                writer.written.update(group)
         try:
             if method.name == "slta":
-                res = solve_closed_form(ins, plan, writer, dev, progress)
+                res = solve_closed_form(ins, plan, writer, dev, progress, journal=journal)
                 report.update(slta_report(cfg, plan, res))
                 if save_stats:
                     write_stats(tmp / "slta_stats.safetensors", cfg, ins, plan, res)
@@ -457,13 +573,17 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
 
                 report.update(run_regmean(ins, plan, writer, dev, progress))
             elif method.tensor_fn is not None:
-                merge_data_free(ins, plan, writer, dev, progress)
+                merge_data_free(ins, plan, writer, dev, progress, journal)
             else:
                 raise ConfigError(f"merge_method {method.name!r} cannot run through slta merge yet")
             writer.finish()
         except BaseException:
             writer.abort()
+            if resumable:
+                log.warning("interrupted: the finished layers are kept in %s; run the same command with "
+                            "--resume to continue", tmp)
             raise
+        journal.close()
         report["timings"] = {**report.get("timings", {}), "total": time.perf_counter() - started}
         finish_folder(tmp, ins, cfg, report)
     return out
