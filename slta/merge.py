@@ -15,6 +15,7 @@ import logging
 import math
 import platform
 import shutil
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     """Open and cross-check every checkpoint before any heavy work."""
     base_path = cfg.path(cfg.base_model) if cfg.base_model else cfg.path(cfg.models[0].model)
     base_label = f"base_model {cfg.base_model}" if cfg.base_model else f"model {cfg.models[0].model}"
+    if cfg.trust_remote_code:
+        log.warning("trust_remote_code is on: Python code shipped inside the model folders will run")
     hf = load_config(base_path, base_label, trust_remote_code=cfg.trust_remote_code)
     base = Checkpoint(base_path, base_label)
     tuned = []
@@ -608,6 +611,11 @@ def finish_folder(tmp: Path, ins: Inputs, cfg: MergeConfig, report: dict[str, An
         "config": cfg.model_dump(mode="json"),
         "base_model": str(ins.base.folder),
         "models": [str(ck.folder) for ck in ins.tuned],
+        "inputs": {
+            "fingerprint_rule": "sha256 of config.json, file names, sizes and safetensors headers",
+            "checkpoints": {str(ck.folder): fingerprint(ck.folder) for ck in ins.all},
+            "calibration_sha256": {str(cfg.path(m.data)): file_sha256(cfg.path(m.data)) for m in cfg.models if m.data},
+        },
         "dtype": dtype_name(ins.out_dtype),
         **report,
     }
@@ -621,6 +629,28 @@ def finish_folder(tmp: Path, ins: Inputs, cfg: MergeConfig, report: dict[str, An
             import yaml
 
             (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(mk, sort_keys=False))
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 of a checkpoint's config.json, file names, sizes and safetensors headers (which hold every
+    tensor's name, dtype, shape and byte range). Not of the full content: that would mean reading
+    every checkpoint a second time."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                h.update(fh.read(n))
+        elif f.name == "config.json" or f.name.endswith(".index.json"):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _version(pkg: str) -> str:

@@ -184,7 +184,7 @@ def reference_merge(models, alphas, granularity, tied):
 
 CASES = [("llama", g) for g in ("model", "layer", "attn_mlp", "head_mlp")] + \
         [("qwen2", g) for g in ("model", "layer", "attn_mlp", "head_mlp")] + \
-        [("mistral", g) for g in ("layer", "attn_mlp", "head_mlp")] + [("qwen3", "head_mlp")]
+        [("mistral", g) for g in ("model", "layer", "attn_mlp", "head_mlp")] + [("qwen3", "head_mlp")]
 
 
 @pytest.mark.parametrize("arch,granularity", CASES)

@@ -40,7 +40,7 @@ SIZES: dict[str, dict] = {
         math_min_steps=1, math_max_steps=2, math_quote=True, code_min_len=3, code_max_len=4,
         pretrain_docs=4000, pretrain_steps=150, pretrain_batch=16, block=128, pretrain_lr=3e-3,
         train_examples=2000, finetune_steps=100, finetune_batch=16, finetune_lr=2e-3,
-        n_calib=32, n_val=32, n_test=48, warmup=20, weight_decay=0.1,
+        n_calib=32, n_val=32, n_test=48, warmup=20, pretrain_wd=0.1, finetune_wd=0.0,
     ),
     "default": dict(
         vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352, max_len=256,
@@ -48,7 +48,7 @@ SIZES: dict[str, dict] = {
         math_min_steps=2, math_max_steps=3, math_quote=True, code_min_len=3, code_max_len=6,
         pretrain_docs=60000, pretrain_steps=800, pretrain_batch=16, block=128, pretrain_lr=2e-3,
         train_examples=40000, finetune_steps=800, finetune_batch=32, finetune_lr=3e-3,
-        n_calib=128, n_val=200, n_test=300, warmup=100, weight_decay=0.1,
+        n_calib=128, n_val=200, n_test=300, warmup=100, pretrain_wd=0.1, finetune_wd=0.0,
     ),
 }
 MODEL_DIRS = ("base", *tasks.TASKS)
@@ -135,7 +135,7 @@ def _build(out: Path, recipe: dict, progress: bool) -> dict:
     base = make_model(tok, p["hidden"], p["layers"], p["heads"], p["kv_heads"], p["ffn"], p["max_len"], seed)
     docs = tok(data["docs"]).input_ids
     batches = packed_batches(docs, tok.eos_token_id, p["pretrain_batch"], p["block"], seed)
-    curve = train_loop(base, batches, p["pretrain_steps"], p["pretrain_lr"], p["warmup"], p["weight_decay"], "pretrain base", progress)
+    curve = train_loop(base, batches, p["pretrain_steps"], p["pretrain_lr"], p["warmup"], p["pretrain_wd"], "pretrain base", progress)
     save_model(base, tok, out / "base")
     losses["base"] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
     timings["base"] = time.perf_counter() - t
@@ -146,7 +146,7 @@ def _build(out: Path, recipe: dict, progress: bool) -> dict:
         model = copy.deepcopy(base)
         encoded = encode_examples(tok, splits[task]["train"])
         batches = sft_batches(encoded, tok.pad_token_id, p["finetune_batch"], seed + 1 + i)
-        curve = train_loop(model, batches, p["finetune_steps"], p["finetune_lr"], p["warmup"], p["weight_decay"], f"fine-tune {task}", progress)
+        curve = train_loop(model, batches, p["finetune_steps"], p["finetune_lr"], p["warmup"], p["finetune_wd"], f"fine-tune {task}", progress)
         save_model(model, tok, out / task)
         losses[task] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
         timings[task] = time.perf_counter() - t
