@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import string
 import subprocess
 import sys
@@ -105,7 +106,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--num-samples", type=int, default=30)
     ap.add_argument("--chars", type=int, default=64, help="characters (= tokens) per calibration sample")
-    ap.add_argument("--methods", default="slta_attn_mlp,task_arithmetic")
+    ap.add_argument("--methods", default="slta_attn_mlp,task_arithmetic",
+                    help="comma-separated: slta_<granularity> or any merge_method, e.g. ties,dare_linear,regmean")
+    ap.add_argument("--keep", action="store_true", help="keep the merged outputs")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -119,15 +122,20 @@ def main() -> None:
         if method.startswith("slta_"):
             cfg = {"merge_method": "slta", "parameters": {"granularity": method[5:], "num_samples": args.num_samples},
                    "models": [{"model": str(m), "data": str(d)} for m, d in zip(tuned, data)]}
+        elif method == "regmean":
+            cfg = {"merge_method": method, "parameters": {"num_samples": args.num_samples},
+                   "models": [{"model": str(m), "data": str(d)} for m, d in zip(tuned, data)]}
         else:
-            cfg = {"merge_method": method, "parameters": {"weight": 1.0 / args.T},
-                   "models": [{"model": str(m)} for m in tuned]}
+            params = {"weight": 1.0} if method in ("ties", "dare_ties", "breadcrumbs_ties") else {"weight": 1.0 / args.T}
+            cfg = {"merge_method": method, "parameters": params, "models": [{"model": str(m)} for m in tuned]}
         cfg.update(base_model=str(base), dtype="float32")
         path = root / f"{method}.yml"
         path.write_text(yaml.safe_dump(cfg))
         out = root / f"out_{method}"
         wall, rss, code = run([sys.executable, "-m", "slta.cli", "merge", str(path), "-o", str(out), "--overwrite", "-q"])
         rows.append((method, wall, rss, code))
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
     ck = nbytes / 2**20
     print(f"\n| method | wall (s) | peak RSS (MiB) | peak RSS / checkpoint ({ck:.0f} MiB) | exit |")
     print("|---|---|---|---|---|")
