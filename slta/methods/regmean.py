@@ -41,9 +41,13 @@ def scaled_gram(g: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def regmean_weight(grams: list[torch.Tensor], weights: list[torch.Tensor], alpha: float) -> tuple[torch.Tensor, str]:
     """Wᵀ = (Σ_t G̃_t)⁻¹ Σ_t G̃_t W_tᵀ in float64. Returns (W, rule)."""
-    gs = [scaled_gram(g.double(), alpha) for g in grams]
-    lhs = sum(gs)
-    rhs = sum(g @ w.double().T for g, w in zip(gs, weights))
+    lhs = rhs = None
+    for g, w in zip(grams, weights):  # one task at a time: a few in x in matrices, not 2T of them
+        gs = scaled_gram(g.double(), alpha)
+        term = gs @ w.double().T
+        lhs = gs if lhs is None else lhs.add_(gs)
+        rhs = term if rhs is None else rhs.add_(term)
+        del gs, term
     chol, info = torch.linalg.cholesky_ex(lhs)
     if int(info) == 0:
         return torch.cholesky_solve(rhs, chol).T, "cholesky"
@@ -106,9 +110,11 @@ def run_regmean(ins, plan, writer, device: torch.device, progress: bool = True) 
 def _merge_grams(grams, group, prefix, loaded, writer, T, alpha, rules, device) -> None:
     """Linear weights by RegMean; everything else in the group (biases, norms, embeddings) averaged."""
     done = set()
-    for name, g in grams.items():
+    for name in list(grams):
+        g = grams.pop(name)  # free each linear's Grams once it is merged
         key = f"{prefix}{name}.weight"
         w, rule = regmean_weight(g, [ld[key].to(device) for ld in loaded[1:]], alpha)
+        del g
         writer.write(key, w)
         rules[f"{prefix}{name}"] = rule
         done.add(key)
