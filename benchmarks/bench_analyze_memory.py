@@ -34,6 +34,8 @@ CHILD = """
 import sys, torch
 from slta.linearity import run_analyze
 a = sys.argv[1:]
+if int(a[6]) > 0:
+    torch.set_num_threads(int(a[6]))
 run_analyze(a[0], a[1], levels=a[2].split(','), num_samples=int(a[3]), stream_memory=a[4], merging=a[5] == '1',
             overwrite=True, progress=False)
 """
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--levels", default="model,layer,attn,mlp,head")
     ap.add_argument("--stream-memory", default="1GB", help="slta analyze's budget for model-level streams")
     ap.add_argument("--no-merging", action="store_true")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in the child (default: torch's; 1 is much faster on a busy shared CPU)")
     args = ap.parse_args()
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,7 @@ def main() -> None:
     path.write_text(json.dumps(cfg))
     out = root / "out_analyze"
     wall, rss, code = run([sys.executable, "-c", CHILD, str(path), str(out), args.levels, str(args.num_samples),
-                           args.stream_memory, "0" if args.no_merging else "1"])
+                           args.stream_memory, "0" if args.no_merging else "1", str(args.threads)])
     ck = nbytes / 2**20
     timings = {}
     if code == 0:
@@ -95,7 +99,7 @@ def main() -> None:
     if timings:
         print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     print(f"T={args.T}, {args.num_samples} samples x {args.chars} tokens per task, stream memory "
-          f"{args.stream_memory}, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+          f"{args.stream_memory}, torch threads {args.threads or torch.get_num_threads()}, {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

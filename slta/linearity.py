@@ -66,8 +66,9 @@ CALIB_DEFAULTS = {"num_samples": 30, "seed": 0, "max_length": 2048, "batch_size"
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:
     """(b, K, D) -> (b, K, K): Euclidean distances between the K feature vectors of each sample,
-    computed from differences (no Gram-matrix cancellation)."""
-    return torch.stack([torch.linalg.vector_norm(x[:, i:i + 1] - x, dim=-1) for i in range(x.shape[1])], 1)
+    computed from differences (no Gram-matrix cancellation), accumulated in float64."""
+    return torch.stack([torch.linalg.vector_norm(x[:, i:i + 1] - x, dim=-1, dtype=torch.float64)
+                        for i in range(x.shape[1])], 1)
 
 
 def normalised_distances(x: torch.Tensor) -> torch.Tensor:
@@ -232,9 +233,10 @@ class ModuleStats:
                 self.matrix.n[t] += 1
 
     def add_merge(self, c: int, k: int, dm: torch.Tensor, lin: torch.Tensor) -> None:
-        """dm = Δf(θ_0 + Σ α τ), lin = Σ α Δf_t, both (b, D) float64 (Eq. 8, 15)."""
-        dot = (dm * lin).sum(-1)
-        nl, nm = torch.linalg.vector_norm(lin, dim=-1), torch.linalg.vector_norm(dm, dim=-1)
+        """dm = Δf(θ_0 + Σ α τ), lin = Σ α Δf_t, both (b, D) (Eq. 8, 15); reductions in float64."""
+        dot = (dm * lin).sum(-1, dtype=torch.float64)
+        nl = torch.linalg.vector_norm(lin, dim=-1, dtype=torch.float64)
+        nm = torch.linalg.vector_norm(dm, dim=-1, dtype=torch.float64)
         nan = torch.full_like(dot, float("nan"))
         self.ratio[c].add(k, torch.where(nl > 0, dot / nl ** 2, nan).cpu().numpy())
         self.cos[c].add(k, torch.where((nl > 0) & (nm > 0), dot / (nl * nm), nan).cpu().numpy())
@@ -246,9 +248,11 @@ class ModuleStats:
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    na, nb = torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(b, dim=-1)
+    na = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float64)
+    nb = torch.linalg.vector_norm(b, dim=-1, dtype=torch.float64)
     ok = (na > 0) & (nb > 0)
-    return torch.where(ok, (a * b).sum(-1) / (na * nb).clamp_min(1e-300), torch.full_like(na, float("nan")))
+    dot = (a * b).sum(-1, dtype=torch.float64)
+    return torch.where(ok, dot / (na * nb).clamp_min(1e-300), torch.full_like(na, float("nan")))
 
 
 # A module's features for one version and batch: a tensor (b, s, ...) or, for an attention head,
@@ -257,12 +261,12 @@ Feature = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def flat(f: Feature, valid: torch.Tensor) -> torch.Tensor:
-    """Features of one batch -> (b, D) float64, padding positions zeroed (so they drop out of
-    every distance and inner product: 'real tokens only')."""
+    """Features of one batch -> (b, D) in the compute dtype, padding positions zeroed (so they drop
+    out of every distance and inner product: 'real tokens only'). Reductions are done in float64."""
     if isinstance(f, tuple):
         f = f[0] @ f[1].T
     f = f * valid.reshape(*valid.shape, *([1] * (f.dim() - valid.dim()))).to(f.dtype)
-    return f.reshape(f.shape[0], -1).to(torch.float64)
+    return f.reshape(f.shape[0], -1)
 
 
 def accumulate(feat: Callable[[int], dict[str, Feature]], vs: Versions, stats: dict[str, ModuleStats],
@@ -576,6 +580,10 @@ def analyze(config: str | Path | dict | MergeConfig, device: str = "cpu", num_sa
         batches = runner.make_batches(tasks, cfg.param("batch_size"))
         itemsize = torch.empty((), dtype=dt).element_size()
         groups = stream_groups(batches, len(vs.coefs), ins.hf_config.hidden_size, itemsize, parse_size(stream_memory))
+        if len(groups) > 1:
+            need = len(vs.coefs) * sum(b.ids.numel() for b in batches) * ins.hf_config.hidden_size * itemsize
+            log.info("model level: %d hidden-state streams need %.2f GiB, over stream_memory: %d passes over the "
+                     "checkpoints (raise --stream-memory for fewer)", len(vs.coefs), need / 2**30, len(groups))
         for g, group in enumerate(groups):
             desc = "slta analyze: model" + (f" ({g + 1}/{len(groups)})" if len(groups) > 1 else "")
             model_pass(ins, plan, runner, group, vs, stats, progress, desc)

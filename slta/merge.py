@@ -121,11 +121,14 @@ def check_distances(base: Checkpoint, tuned: list[Checkpoint], base_label: str, 
     """Relative distance ||θ_t - θ_0|| / ||θ_0|| of each fine-tune on layer 0, before any heavy work."""
     names = [n for n in base.names() if n.startswith(layer_prefix(0))] or base.names()[:1]
     b = base.get_many(names)
-    norm0 = math.sqrt(sum(float(v.double().pow(2).sum()) for v in b.values()))
+    # squared norms accumulated in float64 per tensor, without float64 copies of the tensors
+    norm0 = math.sqrt(sum(float(v.float().pow(2).sum(dtype=torch.float64)) for v in b.values()))
     dists = []
     for ck in tuned:
-        t = ck.get_many(names)
-        d = math.sqrt(sum(float((t[n].double() - b[n].double()).pow(2).sum()) for n in names)) / max(norm0, 1e-30)
+        sq = 0.0
+        for n in names:
+            sq += float((ck.get(n).float() - b[n].float()).pow(2).sum(dtype=torch.float64))
+        d = math.sqrt(sq) / max(norm0, 1e-30)
         if d > MAX_RELATIVE_DISTANCE:
             raise MergeError(f"{ck.label}: not a fine-tune of {base_label}: its layer-0 weights are at relative "
                              f"distance {d:.3f} from the base's (fine-tunes are typically below 0.1; limit "

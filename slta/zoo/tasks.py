@@ -204,12 +204,35 @@ def make_split(task: str, rng: random.Random, lex: Lexicon, hard: dict, n: int, 
     return out
 
 
+def practice_sheet(rng: random.Random) -> str:
+    """Solved one-step sums, like the arithmetic facts any LLM knows from pre-training. The
+    task skill (reading a word problem, chaining steps, the answer format) is not in them."""
+    facts = []
+    for _ in range(rng.randint(2, 5)):
+        a, b = rng.randint(0, MAX_VALUE), rng.randint(1, 9)
+        op = "-" if a - b >= 0 and rng.random() < 0.5 else "+"
+        facts.append(f"{a} {op} {b} = {a + b if op == '+' else a - b}.")
+    return "#### Practice\n" + " ".join(facts)
+
+
+def dictionary_entries(rng: random.Random, lex: Lexicon) -> str:
+    """Word glosses, like a bilingual dictionary in a pre-training corpus: vocabulary, not
+    the skill of translating sentences (word order, the prompt format)."""
+    words = lex.nouns + lex.verbs + lex.adjectives
+    entries = [f"In Velarian, {z} is {v}." for z, v in rng.sample(words, rng.randint(2, 5))]
+    return "#### Words\n" + " ".join(entries)
+
+
 def pretrain_document(rng: random.Random, lex: Lexicon, hard: dict) -> str:
     """One unlabeled document of the base's language: no solved task ever appears."""
     # Half the documents carry the task's prompt header, so the base knows the prompt
     # formats too and a fine-tune only has to learn the skill.
     header = rng.random() < 0.5
-    kind = rng.randrange(4)
+    kind = rng.randrange(6)
+    if kind == 4:
+        return practice_sheet(rng)
+    if kind == 5:
+        return dictionary_entries(rng, lex)
     if kind == 0:
         story = math_story(rng)
         return f"Question: {story}" if header else story
