@@ -165,7 +165,6 @@ def layer_features(runner: Runner, i: int, modules: list[Module], versions: list
     kinds = {m.kind for m in modules}
     heads = [m for m in modules if m.kind == "attn_head"]
     linears = [m for m in modules if m.kind == "linear"]
-    base = versions[0]
     for batch in batches:
         h = batch.h
         if kinds == {"layer"}:

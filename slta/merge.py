@@ -27,11 +27,10 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import slta
-from slta import methods
-from slta.architecture import (Module, Plan, build_plan, config_differences, layer_prefix, load_config,
+from slta.architecture import (Plan, build_plan, config_differences, layer_prefix, load_config,
                                read_config_json)
 from slta.calibration import load_task
-from slta.checkpoint import (Checkpoint, CheckpointError, ShardedWriter, atomic_output, dtype_name, parse_dtype,
+from slta.checkpoint import (Checkpoint, ShardedWriter, atomic_output, dtype_name, parse_dtype,
                              parse_size)
 from slta.config import ConfigError, MergeConfig, load_config as load_merge_config
 from slta.features import Batch, GramStore, Runner, layer_features, sub, to_compute
