@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from bench_merge_memory import build_models, make_data, run  # noqa: E402
+from bench_merge_memory import build_models, make_data, run
 
 CHILD = """
 import sys, torch

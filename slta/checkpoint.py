@@ -2,15 +2,17 @@
 
 Reading: a checkpoint folder holds `model.safetensors`, sharded safetensors with
 `model.safetensors.index.json`, or `pytorch_model*.bin` (read with `weights_only=True`).
-Tensors are read on demand, a group at a time: a safetensors handle is opened per group
-and closed after it, because a long-lived memory map keeps every page it touched resident
-(measured: reading an 800 MB file tensor by tensor through one handle reaches 990 MB RSS,
-one handle per read stays at 240 MB).
+Tensors are read on demand, a group at a time. A safetensors tensor is read with plain
+`readinto` at its byte range (from the header) straight into a freshly allocated torch
+tensor: one copy, no memory map (a long-lived map keeps every page it touched resident:
+measured 990 MB RSS reading an 800 MB file through one handle), and the read releases the
+GIL, so a background thread can read the next layer while the main thread computes.
 
 Writing: all tensor names, shapes and the output dtype are known before the merge starts
 (they are the base model's), so the shard layout and every safetensors header can be
 planned up front. Each merged tensor is then written straight to its offset in its shard
-file: nothing is buffered beyond the tensor being written. Files go to a temporary folder
+file by a background thread (at most one tensor in flight, so the next tensor's arithmetic
+overlaps this one's write and nothing more is buffered). Files go to a temporary folder
 beside the output and are renamed into place only when the whole model is complete.
 """
 
@@ -21,12 +23,12 @@ import math
 import os
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -59,7 +61,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _read_safetensors_header(path: Path) -> dict:
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The header's tensor entries and the byte offset where the data section starts."""
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -76,7 +79,7 @@ def _read_safetensors_header(path: Path) -> dict:
     end = 8 + n + max((v["data_offsets"][1] for v in header.values()), default=0)
     if end > size:
         raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, tensors need {end})")
-    return header
+    return header, 8 + n
 
 
 class Checkpoint:
@@ -90,6 +93,7 @@ class Checkpoint:
         self.file_of: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
+        self.byte_range: dict[str, tuple[int, int]] = {}  # safetensors: name -> (file offset, nbytes)
         self._bin_cache: dict[Path, dict[str, torch.Tensor]] = {}
         self.format = self._index()
 
@@ -113,8 +117,15 @@ class Checkpoint:
             if not path.exists():
                 raise CheckpointError(f"{self.label}: shard {path} listed in the index is missing")
             if fmt == "safetensors":
-                for key, meta in _read_safetensors_header(path).items():
+                header, start = _read_safetensors_header(path)
+                for key, meta in header.items():
                     self._add(key, path, tuple(meta["shape"]), _ST_DTYPES.get(meta["dtype"]), meta["dtype"])
+                    lo, hi = meta["data_offsets"]
+                    want = math.prod(meta["shape"]) * _itemsize(self.dtypes[key])
+                    if hi - lo != want:
+                        raise CheckpointError(f"{self.label}: tensor {key} in {path.name} has {hi - lo} bytes, "
+                                              f"its shape and dtype need {want}")
+                    self.byte_range[key] = (start + lo, hi - lo)
             else:
                 for key, t in self._load_bin(path).items():
                     self._add(key, path, tuple(t.shape), t.dtype, str(t.dtype))
@@ -170,21 +181,45 @@ class Checkpoint:
                 for k in keys:
                     out[k] = sd[k].clone()
                 continue
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as f:
-                    for k in keys:
-                        out[k] = f.get_tensor(k)
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
-                raise CheckpointError(f"{self.label}: cannot read tensor {keys[0]} from {path} ({e})") from e
+            with self._open(path, keys[0]) as f:
+                for k in keys:
+                    out[k] = self._read(f, path, k, self.shapes[k], *self.byte_range[k])
         return out
+
+    def _open(self, path: Path, name: str):
+        try:
+            return open(path, "rb", buffering=0)
+        except OSError as e:
+            raise CheckpointError(f"{self.label}: cannot read tensor {name} from {path} ({e})") from e
+
+    def _read(self, f, path: Path, name: str, shape: tuple[int, ...], offset: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` bytes at `offset` of the open file `f`, as a new tensor of `shape` (the checkpoint's dtype)."""
+        t = torch.empty(shape, dtype=self.dtypes[name])
+        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if nbytes else memoryview(b"")
+        done = 0
+        try:
+            f.seek(offset)
+            while done < nbytes:  # one read() returns at most ~2 GiB on Linux
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise CheckpointError(f"{self.label}: tensor {name} in {path} is truncated")
+                done += n
+        except OSError as e:
+            raise CheckpointError(f"{self.label}: cannot read tensor {name} from {path} ({e})") from e
+        return t
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor, reading only those bytes (for huge embeddings)."""
         path = self.file_of[name]
         if self.format == "bin":
             return self._load_bin(path)[name][start:stop].clone()
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return f.get_slice(name)[start:stop]
+        shape = self.shapes[name]
+        start, stop = max(0, min(start, shape[0])), max(0, min(stop, shape[0]))
+        stop = max(start, stop)
+        offset, nbytes = self.byte_range[name]
+        row = nbytes // shape[0] if shape[0] else 0
+        with self._open(path, name) as f:
+            return self._read(f, path, name, (stop - start, *shape[1:]), offset + start * row, (stop - start) * row)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -260,28 +295,48 @@ class ShardedWriter:
                 self.weight_map[name] = fname
         self.total_size = sum(n for _, _, n in self.where.values())
         self.written: set[str] = set()
+        # one background thread does the file writes (they release the GIL); at most one in flight
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slta-writer")
+        self._pending: Future | None = None
 
     def write(self, name: str, tensor: torch.Tensor, row_offset: int = 0) -> None:
-        """Write a tensor (or a block of its leading rows, starting at `row_offset`)."""
+        """Write a tensor (or a block of its leading rows, starting at `row_offset`).
+
+        Returns once the bytes are handed to the writer thread, which keeps a reference: the
+        caller may drop `tensor` at once but must not modify it in place afterwards."""
         shard, offset, nbytes = self.where[name]
         shape = self.shapes[name]
         t = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
         rows = shape[0] if shape else 1
         if tuple(t.shape) != tuple(shape) and (not shape or tuple(t.shape[1:]) != tuple(shape[1:])):
             raise RuntimeError(f"internal error: {name} has shape {tuple(t.shape)}, planned {shape}")
-        fh = self._handles[shard]
-        fh.seek(offset + row_offset * (nbytes // max(rows, 1)))
-        fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # raw bytes: works for bf16 too
+        position = offset + row_offset * (nbytes // max(rows, 1))
+        self._wait()
+        self._pending = self._pool.submit(self._write_at, self._handles[shard], position, t)
         if row_offset + (t.shape[0] if t.dim() else 1) >= rows:
             self.written.add(name)
 
+    @staticmethod
+    def _write_at(fh, position: int, t: torch.Tensor) -> None:
+        fh.seek(position)
+        fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))  # raw bytes: works for bf16 too
+
+    def _wait(self) -> None:
+        """Block until the write in flight is done; re-raise its error here, in the caller's thread."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
     def flush(self) -> None:
         """Make everything written so far durable (before a resume journal records it)."""
+        self._wait()
         for fh in self._handles:
             fh.flush()
             os.fsync(fh.fileno())
 
     def finish(self) -> None:
+        self._wait()
+        self._pool.shutdown()
         for fh in self._handles:
             fh.close()
         missing = set(self.where) - self.written
@@ -292,6 +347,11 @@ class ShardedWriter:
             (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - aborting anyway; the first error is the one reported
+            pass
+        self._pool.shutdown()
         for fh in self._handles:
             try:
                 fh.close()
