@@ -142,10 +142,15 @@ class GramStore:
         """Accumulate G from T+1 feature tensors (version 0 = base) of shape (b, s, ...)."""
         valid = batch.valid if valid is None else valid
         base = feats[0]
-        d = torch.stack([(f - base) for f in feats[1:]])  # (T, b, s, ...)
-        d = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1) * valid[None, :, :, None]
-        d = d.to(torch.float64).flatten(2)
-        self.g[module][batch.samples] += torch.einsum("tbk,ubk->btu", d, d)
+        b, s = base.shape[0], base.shape[1]
+        # Δf_t = f_t - f_0 is taken in the features' dtype and written straight into one float64
+        # buffer (no stacked float32 copy, no masked copy); padding is zeroed in place.
+        d = torch.empty(b, len(feats) - 1, base[0].numel(), dtype=torch.float64, device=base.device)
+        for t, f in enumerate(feats[1:]):
+            torch.sub(f.reshape(b, -1), base.reshape(b, -1), out=d[:, t])
+        if not bool(valid.all()):
+            d.view(b, d.shape[1], s, -1).masked_fill_(~valid[:, None, :, None], 0)
+        self.g[module][batch.samples] += torch.bmm(d, d.transpose(1, 2))  # (b, T, T), float64
 
     def add_gram(self, module: str, g: torch.Tensor, samples: list[int]) -> None:
         self.g[module][samples] += g
