@@ -114,10 +114,22 @@ def method_config(method: str, base: Path, tuned: list[Path], data: list[Path], 
             "models": [{"model": str(m), "parameters": params} for m in tuned]}
 
 
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (needs root), so every run reads its inputs from disk, as a merge
+    of freshly downloaded models does. False when not allowed: runs are then warm-cache runs."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def run_method(method: str, root: Path, base: Path, tuned: list[Path], data: list[Path], num_samples: int,
                dtype: str, device: str) -> dict:
     out = root / f"out_{method}"
     shutil.rmtree(out, ignore_errors=True)
+    drop_page_cache()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     if method.startswith("io_floor"):
         out.mkdir(parents=True)
@@ -169,8 +181,11 @@ def speed(args: argparse.Namespace) -> None:
           "| bfloat16:", ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates_bf16.items()))
     print(f"compute floor of the closed form: {flops / 1e12:.2f} TFLOP -> {floor_s:.1f}s at float32 "
           f"({floor_bf16:.1f}s at bfloat16 rates)")
-    # warm the page cache with every input once, so no method pays for the first read from disk
-    run_method("io_floor_raw", root, base, tuned, data, args.num_samples, args.dtype, args.device)
+    cold = drop_page_cache()
+    print("page cache: " + ("dropped before every run (cold: inputs come from disk)" if cold else
+                            "cannot be dropped here (warm-cache runs, after one warm-up read)"))
+    if not cold:  # warm the page cache with every input once, so no method pays for the first read
+        run_method("io_floor_raw", root, base, tuned, data, args.num_samples, args.dtype, args.device)
     rows = []
     for method in args.methods.split(","):
         r = run_method(method, root, base, tuned, data, args.num_samples, args.dtype, args.device)

@@ -582,7 +582,7 @@ def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torc
             base = loaded[0][n].to(device, torch.float32)
             tuned = [g[n].to(device, torch.float32) for g in loaded[1:]]
             merged = method.tensor_fn(n, base, tuned, per_model, shared, seed)
-            if not torch.isfinite(merged).all():
+            if not all_finite(merged):
                 raise MergeError(f"{method.name} produced non-finite values for tensor {n}")
             writer.write(n, merged)
         del loaded
