@@ -39,7 +39,7 @@ def _zoo(a: argparse.Namespace) -> None:
     from slta.zoo import build_zoo
 
     t0 = time.perf_counter()
-    out = build_zoo(a.dir, size=a.size, seed=a.seed, force=a.force, progress=not a.quiet)
+    out = build_zoo(a.dir, size=a.size, seed=a.seed, force=a.force, progress=not a.quiet, threads=a.threads)
     print(f"zoo ready in {out} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--size", default="default", choices=("tiny", "default"))
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--force", action="store_true", help="rebuild even if the recipe is unchanged")
+    zb.add_argument("--threads", type=int, default=2,
+                    help="torch CPU threads for training (bytes are reproducible for a given count)")
     zb.add_argument("-q", "--quiet", action="store_true")
     zb.set_defaults(func=_zoo)
 

@@ -61,6 +61,23 @@ METHOD_NAMES = {"weight_average": "Weight Avg", "task_arithmetic": "Task Arithme
                 "regmean": "RegMean"}
 
 
+def generation_budget(zoo: Path) -> dict[str, int]:
+    """Per task, how many tokens a correct completion can need: the longest calibration
+    response (training format, with its chain of thought) plus </s> and a 25% + 8 margin. A merged
+    model that rambles is cut there instead of at 64 tokens; its answer would be wrong anyway."""
+    from transformers import AutoTokenizer
+
+    from slta.evaluate import read_jsonl
+
+    tok = AutoTokenizer.from_pretrained(zoo / "base")
+    budget = {}
+    for t in TASKS:
+        responses = [r["response"] for r in read_jsonl(zoo / "data" / t / "calib.jsonl")]
+        longest = max(len(ids) for ids in tok(responses, add_special_tokens=False).input_ids)
+        budget[t] = int(1.25 * longest) + 8
+    return budget
+
+
 class Demo:
     def __init__(self, zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool):
         self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
@@ -70,6 +87,7 @@ class Demo:
         self.cache.mkdir(parents=True, exist_ok=True)
         self.val_limit = None if size == "tiny" else 100
         self.zoo_hash = json.loads((zoo / "zoo.json").read_text())["recipe_hash"]
+        self.budget = generation_budget(zoo)
 
     # -- helpers ---------------------------------------------------------------------------------
     def files(self, tasks: tuple[str, ...], split: str) -> dict[str, Path]:
@@ -86,7 +104,8 @@ class Demo:
         if path.exists():
             return json.loads(path.read_text())
         limit = self.val_limit if split == "val" else None
-        scores = evaluate(model, self.files(tasks, split), device=self.device, limit=limit, progress=False)
+        scores = evaluate(model, self.files(tasks, split), batch_size=64, max_new_tokens=self.budget,
+                          device=self.device, limit=limit, progress=False)
         path.write_text(json.dumps(scores))
         return scores
 
@@ -123,6 +142,10 @@ class Demo:
                 best, best_params = -1.0, None
                 for params in grid:  # grid search on the validation split (A.3.4)
                     bar.set_postfix_str(f"{method} {'+'.join(combo)} {params}")
+                    if len(grid) == 1:  # nothing to choose: no validation run
+                        best, best_params = None, params
+                        bar.update()
+                        break
                     cfg = self.merge_config(method, combo, {**params, "num_samples": 30} if method == "regmean" else params)
                     val = np.mean(list(self.merged_scores(cfg, combo, "val").values()))
                     if val > best:

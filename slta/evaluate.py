@@ -131,7 +131,7 @@ def evaluate(
     model: str | Path | PreTrainedModel,
     task_files: dict[str, Path] | list[str | Path] | str | Path,
     batch_size: int = 32,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | dict[str, int] = 64,
     device: str = "cpu",
     limit: int | None = None,
     progress: bool = True,
@@ -144,7 +144,8 @@ def evaluate(
     ``model`` is a model folder or a loaded model (then ``tokenizer`` is needed, or is loaded
     from ``model.name_or_path``). ``task_files`` maps task name to JSONL, or is a list of
     files/directories resolved with :func:`resolve_task_files`. ``limit`` keeps the first N
-    examples per task. With ``return_predictions`` also returns the per-example records.
+    examples per task. ``max_new_tokens`` may be given per task (a dict). With
+    ``return_predictions`` also returns the per-example records.
     """
     if isinstance(model, (str, Path)):
         model, tok = load_model(model, device)
@@ -160,7 +161,8 @@ def evaluate(
         missing = [i for i, r in enumerate(rows) if "answer" not in r]
         if missing:
             raise ValueError(f"{path}: line {missing[0] + 1} has no 'answer' field")
-        completions = generate(model, tok, [r["prompt"] for r in rows], batch_size, max_new_tokens, progress=progress, desc=name)
+        budget = max_new_tokens[name] if isinstance(max_new_tokens, dict) else max_new_tokens
+        completions = generate(model, tok, [r["prompt"] for r in rows], batch_size, budget, progress=progress, desc=name)
         scores[name] = exact_match(completions, [r["answer"] for r in rows])
         records[name] = [
             {"prompt": r["prompt"], "answer": r["answer"], "completion": c, "correct": final_answer(c) == str(r["answer"]).strip()}

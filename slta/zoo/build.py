@@ -31,24 +31,24 @@ from slta.zoo.tokenizer import train_tokenizer
 from slta.zoo.train import encode_examples, make_model, packed_batches, sft_batches, train_loop
 
 # Bump when the generator code changes in a way that changes the output: cached zoos rebuild.
-GENERATOR_VERSION = "zoo-1"
+GENERATOR_VERSION = "zoo-3"
 
 SIZES: dict[str, dict] = {
     "tiny": dict(
         vocab_size=384, hidden=64, layers=2, heads=4, kv_heads=2, ffn=176, max_len=256,
         n_nouns=12, n_verbs=6, n_adjs=6,
-        math_min_steps=1, math_max_steps=2, math_quote=True, worked_frac=0.5, code_min_len=3, code_max_len=4,
+        math_min_steps=1, math_max_steps=2, math_quote=True, worked_frac=0.9, solved_frac=0.8, code_min_len=3, code_max_len=4,
         pretrain_docs=2000, pretrain_steps=100, pretrain_batch=16, block=64, pretrain_lr=3e-3,
         train_examples=1000, finetune_steps=60, finetune_batch=16, finetune_lr=2e-3,
-        n_calib=32, n_val=32, n_test=48, warmup=20, pretrain_wd=0.1, finetune_wd=0.0,
+        n_calib=32, n_val=32, n_test=48, warmup=20, pretrain_wd=0.1, finetune_wd=0.0, finetune_stop_loss=0.01,
     ),
     "default": dict(
         vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352, max_len=256,
         n_nouns=24, n_verbs=12, n_adjs=10,
-        math_min_steps=2, math_max_steps=3, math_quote=True, worked_frac=0.5, code_min_len=3, code_max_len=6,
-        pretrain_docs=60000, pretrain_steps=800, pretrain_batch=16, block=128, pretrain_lr=2e-3,
-        train_examples=40000, finetune_steps=800, finetune_batch=32, finetune_lr=3e-3,
-        n_calib=128, n_val=200, n_test=300, warmup=100, pretrain_wd=0.1, finetune_wd=0.0,
+        math_min_steps=2, math_max_steps=3, math_quote=True, worked_frac=0.9, solved_frac=0.8, code_min_len=3, code_max_len=6,
+        pretrain_docs=60000, pretrain_steps=2400, pretrain_batch=16, block=128, pretrain_lr=2e-3,
+        train_examples=40000, finetune_steps=400, finetune_batch=16, finetune_lr=3e-4,
+        n_calib=128, n_val=200, n_test=300, warmup=100, pretrain_wd=0.1, finetune_wd=0.0, finetune_stop_loss=0.01,
     ),
 }
 MODEL_DIRS = ("base", *tasks.TASKS)
@@ -146,9 +146,9 @@ def _build(out: Path, recipe: dict, progress: bool) -> dict:
         model = copy.deepcopy(base)
         encoded = encode_examples(tok, splits[task]["train"])
         batches = sft_batches(encoded, tok.pad_token_id, p["finetune_batch"], seed + 1 + i)
-        curve = train_loop(model, batches, p["finetune_steps"], p["finetune_lr"], p["warmup"], p["finetune_wd"], f"fine-tune {task}", progress)
+        curve = train_loop(model, batches, p["finetune_steps"], p["finetune_lr"], p["warmup"], p["finetune_wd"], f"fine-tune {task}", progress, p["finetune_stop_loss"])
         save_model(model, tok, out / task)
-        losses[task] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
+        losses[task] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:]), "steps": len(curve)}
         timings[task] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return {"timings_s": timings, "train_loss": losses}
@@ -161,7 +161,7 @@ def build_zoo(
     force: bool = False,
     progress: bool = True,
     overrides: dict | None = None,
-    threads: int = 1,
+    threads: int = 2,
 ) -> Path:
     """Builds (or reuses) the demo zoo in ``out_dir`` and returns its path.
 

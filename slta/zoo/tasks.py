@@ -3,18 +3,28 @@
 The tasks mirror the paper's Math / Coding / Translate, in formats a small transformer can
 compute left to right:
 
-* ``math``: 2-4 step word problems with small operands; the response is a chain of thought
-  ("7 + 5 = 12. 12 - 3 = 9. #### 9"), so every emitted number is a small table lookup on
-  numbers already in the context. The answer is the number after ``####`` (GSM8K style).
-* ``code``: predict what a short Python snippet on a short list of digits prints
-  (sorted, reversed, min, max, len, indexing, and one composition).
+* ``math``: 2-3 step word problems with operands 1..9 and totals up to 40; the response is
+  a chain of thought that quotes the step it works on ("wins 5: 7 + 5 = 12. sells 3:
+  12 - 3 = 9. #### 9"), so every emitted token is a copy or a small table lookup on what
+  is already in the context. The answer is the number after ``####`` (GSM8K style).
+* ``code``: what a two-line Python snippet on a list of 3-6 digits prints (sorted, sorted
+  descending, sorted(set()), min, max, len, first/last element, count).
 * ``translate``: translate a sentence from Zorbish (subject-verb-object, adjective after
   its noun) to Velarian (subject-object-verb, adjective before its noun): a lexicon lookup
   plus a word-order change.
 
-The pre-training corpus contains the same *language* (story sentences, questions, code
-snippets, monolingual Zorbish and Velarian sentences) but never a solved example, so the
-base model knows the vocabulary and syntax but none of the skills.
+The pre-training corpus holds the tasks' *language* (the story sentences and questions, code
+snippets, monolingual Zorbish and Velarian) and, as a base LLM would, the tasks' *skills* in
+other surface forms: problems solved as "Problem: ... Work: ..., so the answer is 9.",
+interactive sessions (">>> x = [3, 1]", ">>> min(x)", "1"), a bilingual dictionary with whole
+sentences ("In Velarian, ... is ..."), plus loose facts (running counts in stories, solved
+sums). It never holds a task's prompt format followed by an answer, so the base solves none of
+the tasks (measured: 0%); a fine-tune only has to tie the skill to the task's format.
+
+Why: a first design whose base lacked the skills needed fine-tunes that rewrote the model
+(|τ|/|θ| ≈ 0.5 at lr 1e-3); their task vectors did not add up (task arithmetic on the triple
+kept 10% of the fine-tunes' accuracy). With the skills pre-trained, fine-tunes are short
+(|τ|/|θ| ≈ 0.03-0.07 at lr 3e-4) and merging is hard but not hopeless, as for real LLMs.
 
 Everything is a pure function of a ``random.Random``: same seed, same data.
 """
@@ -85,6 +95,15 @@ def math_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3, quo
     return question, " ".join(thoughts) + f" #### {value}", str(value)
 
 
+def math_worked(rng: random.Random, min_steps: int, max_steps: int) -> str:
+    """A solved problem in the pre-training corpus's own format ("Problem: ... Work: wins 5:
+    7 + 5 = 12, sells 3: 12 - 3 = 9, so the answer is 9."): the skill a base LLM has, not
+    the task's format (no "Question:"/"Answer:", no "####")."""
+    question, response, answer = math_problem(rng, min_steps, max_steps)
+    work = response.rsplit(" ####", 1)[0].rstrip(".").split(". ")
+    return f"Problem: {question}\nWork: {', '.join(work)}, so the answer is {answer}."
+
+
 def math_story(rng: random.Random, worked: bool) -> str:
     """Pre-training text about the same situations. Unworked: the story alone, or with its
     question, never an answer. Worked: a narrative that keeps the count as it goes ("..., so
@@ -140,6 +159,13 @@ def repl_facts(rng: random.Random, min_len: int, max_len: int) -> str:
         call = re.sub(r"\bx\b", literal, expr)
         lines += [f">>> {call}", run_snippet(snippet)]
     return "\n".join(lines)
+
+
+def repl_session(rng: random.Random, min_len: int, max_len: int) -> str:
+    """A solved snippet as an interactive session (">>> x = [3, 1]", ">>> min(x)", "1"): the
+    skill, in another format than the task's ("Code:", print, "Output:")."""
+    snippet, expr = code_snippet(rng, min_len, max_len)
+    return f">>> {snippet.split(chr(10))[0]}\n>>> {expr}\n{run_snippet(snippet)}"
 
 
 def code_problem(rng: random.Random, min_len: int = 3, max_len: int = 6) -> tuple[str, str, str]:
@@ -246,13 +272,16 @@ def practice_sheet(rng: random.Random) -> str:
     return "#### Practice\n" + " ".join(facts)
 
 
-def dictionary_entries(rng: random.Random, lex: Lexicon) -> str:
+def dictionary_entries(rng: random.Random, lex: Lexicon, sentence_frac: float = 0.0) -> str:
     """Word glosses, like a bilingual dictionary in a pre-training corpus: vocabulary, not
     the skill of translating sentences (word order, the prompt format)."""
     words = lex.nouns + lex.verbs + lex.adjectives
     entries = []
     for _ in range(rng.randint(2, 5)):
-        if rng.random() < 0.5:
+        r = rng.random()
+        if r < sentence_frac:
+            z, v = sentence_pair(rng, lex)
+        elif r < 0.5 + sentence_frac / 2:
             z, v = rng.choice(words)
         else:  # a noun phrase: the adjective moves before its noun
             (zn, vn), (za, va) = rng.choice(lex.nouns), rng.choice(lex.adjectives)
@@ -265,27 +294,36 @@ def pretrain_document(rng: random.Random, lex: Lexicon, hard: dict) -> str:
     """One unlabeled document of the base's language.
 
     The base learns the vocabulary, both invented languages, digits and the program syntax,
-    plus (in ``worked_frac`` of the task-related documents) the underlying facts in another
-    surface form: running counts in stories, interpreter transcripts, a bilingual dictionary.
-    It never sees a task's prompt format followed by an answer, so it solves none of them.
+    plus (in ``worked_frac`` of the task-related documents) the skills in other surface
+    forms: solved problems, interactive sessions, a dictionary with sentences (a
+    ``solved_frac`` of the worked documents), or loose facts (running counts, solved sums,
+    interpreter transcripts on literals, word glosses). It never sees a task's prompt format
+    followed by an answer, so it solves none of them.
     """
     # Half the unworked documents carry the task's prompt header, so the base knows the
     # prompt formats too.
     header = rng.random() < 0.5
     worked = rng.random() < hard["worked_frac"]
+    # Of the worked documents, ``solved_frac`` are whole solved tasks in the corpus's own
+    # formats (the skill, as a base LLM has it); the rest are loose facts.
+    solved = worked and rng.random() < hard.get("solved_frac", 0.0)
     kind = rng.randrange(4)
     if kind == 0:
+        if solved:
+            return math_worked(rng, hard["math_min_steps"], hard["math_max_steps"])
         if worked:
             return practice_sheet(rng) if rng.random() < 0.3 else math_story(rng, worked=True)
         story = math_story(rng, worked=False)
         return f"Question: {story}" if header else story
     if kind == 1:
+        if solved:
+            return repl_session(rng, hard["code_min_len"], hard["code_max_len"])
         if worked:
             return repl_facts(rng, hard["code_min_len"], hard["code_max_len"])
         snippet, _ = code_snippet(rng, hard["code_min_len"], hard["code_max_len"] + 2)
         return f"Code:\n{snippet}" if header else snippet
     if worked:
-        return dictionary_entries(rng, lex)
+        return dictionary_entries(rng, lex, 0.5 if solved else 0.0)
     z, v = sentence_pair(rng, lex)
     # Monolingual sentences only: the base never sees a sentence and its translation.
     if kind == 2:

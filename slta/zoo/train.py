@@ -46,8 +46,14 @@ def train_loop(
     weight_decay: float,
     desc: str,
     progress: bool = True,
+    stop_loss: float | None = None,
 ) -> list[float]:
-    """AdamW with linear warmup then cosine decay to 10% of lr; returns the loss per step."""
+    """AdamW with linear warmup then cosine decay to 10% of lr; returns the loss per step.
+
+    With ``stop_loss`` training stops once the mean loss of the last 50 steps is below it:
+    a converged fine-tune keeps drifting under Adam (normalized noise steps) and every
+    extra step only adds noise to its task vector.
+    """
     # No weight decay on norms (1-d tensors), as usual for Llama-style training.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -78,6 +84,8 @@ def train_loop(
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        if stop_loss is not None and len(losses) >= 50 and sum(losses[-50:]) / 50 < stop_loss:
+            break
     model.eval()
     return losses
 
