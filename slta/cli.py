@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("--size", default="default", choices=("tiny", "default"))
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--force", action="store_true", help="rebuild even if the recipe is unchanged")
-    zb.add_argument("--threads", type=int, default=2,
+    zb.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for training (bytes are reproducible for a given count)")
     zb.add_argument("-q", "--quiet", action="store_true")
     zb.set_defaults(func=_zoo)
