@@ -12,4 +12,4 @@ test: setup
 	$(PY) -m pytest
 
 demo: setup
-	slta demo
+	$(PY) -m slta.cli demo
