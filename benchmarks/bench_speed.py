@@ -222,7 +222,8 @@ def scaling(args: argparse.Namespace) -> None:
     grid = [("reference", None)] + [("layers", v) for v in (8, 16)] + [("hidden", v) for v in (512, 1024)] \
         + [("T", v) for v in (2, 5)] + [("samples", v) for v in (60, 120)]
     root = Path(args.dir) / "scaling"
-    print(f"# closed-form scaling, {date.today()}, attn_mlp, {args.chars} tokens per sample, float32, vocab 8000\n")
+    print(f"# closed-form scaling, {date.today()}, attn_mlp, {args.chars} tokens per sample, float32, vocab 8000, "
+          f"torch {torch.get_num_threads()} threads\n")
     print(f"uptime before: {uptime()}")
     print("| varied | layers | hidden | T | samples/task | wall (s) | features+solve (s) | peak RSS (MiB) | compute floor (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
