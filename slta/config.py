@@ -86,8 +86,12 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
         where = str(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
+        if not path.is_file():  # e.g. "" is "." here: a folder
+            raise ConfigError(f"config {str(source)!r} is a folder, not a YAML file")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({e})") from e
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
     else:

@@ -150,3 +150,10 @@ def test_resume_after_kill_is_byte_identical(tmp_path, method):
             assert ra == rb
         else:
             assert a[name] == b[name], name
+
+
+@pytest.mark.parametrize("raw", ["", "."])
+def test_config_path_that_is_a_folder(raw):
+    # Found by the property test above: "" is the path "." (a folder), which used to escape as IsADirectoryError.
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(raw)
