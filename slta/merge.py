@@ -204,7 +204,7 @@ def prefetched(ins: Inputs, groups: list[tuple[str, list[str]]], skip: Callable[
     thread while the caller works on this one (file reads release the GIL, so the two cores overlap
     reading and arithmetic). Groups for which `skip(label)` holds are yielded unread (None).
     Memory: two groups at a time."""
-    todo = [(label, names) for label, names in groups]
+    todo = groups
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slta-reader") as pool:
         futures = {}
 
@@ -422,8 +422,8 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
 
     groups = layer_groups(plan)
     # a reader thread loads layer i+1's T+1 versions while layer i computes
-    bar = tqdm(prefetched(ins, groups, skip=lambda label: label in journal.done or label in ("embed", "head")), total=len(groups), desc="slta: layers", disable=not progress,
-               unit="layer")
+    skip = lambda label: label in journal.done or label in ("embed", "head")  # noqa: E731 - read by their own stages
+    bar = tqdm(prefetched(ins, groups, skip=skip), total=len(groups), desc="slta: layers", disable=not progress, unit="layer")
     t_feat = time.perf_counter()
     for label, group, loaded in bar:
         bar.set_postfix_str(label)
