@@ -65,7 +65,10 @@ class MergeConfig(BaseModel):
 
     def path(self, p: str) -> Path:
         """Relative paths are relative to the working directory, as in mergekit."""
-        return Path(p).expanduser()
+        try:
+            return Path(p).expanduser()
+        except RuntimeError as e:  # "~user" for a user this machine does not have
+            raise ConfigError(f"path {p!r}: {e}") from None
 
 
 def _unknown(keys: list[str], allowed: tuple[str, ...] | list[str], where: str) -> None:
@@ -117,9 +120,9 @@ def _drop_base_from_models(cfg: MergeConfig) -> None:
     drops that entry, and so do we (otherwise `linear` would average the base in)."""
     if not cfg.base_model:
         return
-    base = Path(cfg.base_model).expanduser().resolve()
+    base = cfg.path(cfg.base_model).resolve()
     cfg.models = [e for e in cfg.models
-                  if not (Path(e.model).expanduser().resolve() == base and not e.parameters and not e.data)]
+                  if not (cfg.path(e.model).resolve() == base and not e.parameters and not e.data)]
 
 
 def _validate_method(cfg: MergeConfig, where: str) -> None:

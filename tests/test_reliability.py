@@ -157,3 +157,10 @@ def test_config_path_that_is_a_folder(raw):
     # Found by the property test above: "" is the path "." (a folder), which used to escape as IsADirectoryError.
     with pytest.raises(ConfigError, match="is a folder"):
         load_config(raw)
+
+
+def test_config_home_of_unknown_user():
+    # Found by the property test: "~0" (no such user) escaped as RuntimeError from Path.expanduser.
+    with pytest.raises(ConfigError, match="~nosuchuser_slta"):
+        load_config({"merge_method": "task_arithmetic", "base_model": "~nosuchuser_slta/base",
+                     "models": [{"model": "~nosuchuser_slta/a"}]})
