@@ -21,12 +21,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -357,39 +354,3 @@ class ShardedWriter:
                 fh.close()
             except OSError:
                 pass
-
-
-@contextmanager
-def atomic_output(out: str | Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; move it to `out` only if the block completes.
-
-    A crash, Ctrl-C or error leaves no `out`. The temporary folder is removed then, unless
-    `resume` is set: a resumable run works in `.OUT.partial`, which survives an interruption and
-    is picked up by the next run with `resume`.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_folder(out) if resume else out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists() and not resume:
-        shutil.rmtree(tmp)
-    tmp.mkdir(exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        if not resume:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def partial_folder(out: str | Path) -> Path:
-    out = Path(out)
-    return out.parent / f".{out.name}.partial"

@@ -102,7 +102,8 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the config must be a mapping of keys (merge_method, base_model, models, ...)")
     _unknown(list(raw), TOP_KEYS, where)
-    for i, m in enumerate(raw.get("models") or []):
+    models = raw.get("models")
+    for i, m in enumerate(models if isinstance(models, list) else []):  # other types: pydantic's error below
         if isinstance(m, dict):
             _unknown(list(m), MODEL_KEYS, f"{where}: models[{i}]")
     try:

@@ -47,11 +47,11 @@ from tqdm.auto import tqdm
 
 import slta
 from slta.architecture import Plan, build_plan, head_dim, layer_prefix
-from slta.checkpoint import atomic_output, dtype_name, parse_dtype, parse_size
+from slta.checkpoint import dtype_name, parse_dtype, parse_size
 from slta.config import ConfigError, MergeConfig, load_config
 from slta.features import Batch, Runner, sub, to_compute
-from slta.merge import (ROW_BLOCK, Inputs, _check_finite, calibration, embed_stage, layer_groups, load_group,
-                        open_inputs, resolve_device)
+from slta.merge import (ROW_BLOCK, Inputs, _check_finite, calibration, embed_stage, input_paths, layer_groups,
+                        load_group, open_inputs, resolve_device)
 
 log = logging.getLogger("slta")
 
@@ -633,8 +633,11 @@ def run_analyze(config: str | Path | dict | MergeConfig, out: str | Path, device
     """`slta analyze CONFIG -o DIR`: linearity.json and the paper's figures (2, 3, 4, 6 and the
     interpolation curves of Table 18), written atomically. `module` picks Figure 6's module(s)."""
     from slta import figures
+    from slta.output import atomic_output, check_output
 
-    data = analyze(config, device=device, num_samples=num_samples, levels=levels, dtype=dtype, steps=steps,
+    cfg = load_config(config)
+    check_output(out, overwrite, input_paths(cfg))  # before the analysis: OUT must not hold an input
+    data = analyze(cfg, device=device, num_samples=num_samples, levels=levels, dtype=dtype, steps=steps,
                    merging=merging, stream_memory=stream_memory, progress=progress)
     modules = [module] if isinstance(module, str) else list(module or [])
     missing = [m for m in modules if m not in data["modules"]]
@@ -642,7 +645,7 @@ def run_analyze(config: str | Path | dict | MergeConfig, out: str | Path, device
         raise ConfigError(f"--module {missing[0]!r} was not analysed; analysed modules are e.g. "
                           f"{', '.join(list(data['modules'])[:6])}")
     out = Path(out)
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, inputs=input_paths(cfg)) as tmp:
         (tmp / "linearity.json").write_text(json.dumps(data, indent=1) + "\n")
         figures.draw_analysis(data, tmp, modules or None)
     return out

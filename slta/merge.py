@@ -32,9 +32,10 @@ import slta
 from slta.architecture import (Plan, build_plan, config_differences, layer_prefix, load_config,
                                read_config_json)
 from slta.calibration import load_task
-from slta.checkpoint import (Checkpoint, ShardedWriter, atomic_output, dtype_name, parse_dtype,
+from slta.checkpoint import (Checkpoint, ShardedWriter, dtype_name, parse_dtype,
                              parse_size)
 from slta.config import ConfigError, MergeConfig, load_config as load_merge_config
+from slta.output import atomic_output, check_output
 from slta.solve import Solution, solve_module
 
 if TYPE_CHECKING:  # slta.features imports transformers' attention code (~1 s): only the closed form needs it
@@ -71,6 +72,22 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MergeError(f"--device {device} asked for, but torch sees no CUDA device")
     return torch.device(device)
+
+
+def input_paths(cfg: MergeConfig) -> dict[str, Path]:
+    """Every path a merge reads, labelled as the config names it (for the output-folder checks)."""
+    paths = {f"base_model {cfg.base_model}": cfg.path(cfg.base_model)} if cfg.base_model else {}
+    for m in cfg.models:
+        paths[f"model {m.model}"] = cfg.path(m.model)
+        if m.data:
+            paths[f"data {m.data} of model {m.model}"] = cfg.path(m.data)
+    return paths
+
+
+def output_bytes(ins: Inputs, plan: Plan) -> int:
+    """Size of the written shards (the model in the output dtype), known before any work."""
+    item = torch.empty((), dtype=ins.out_dtype).element_size()
+    return sum(math.prod(ins.base.shapes[n]) * item for n in plan.tensor_order)
 
 
 def open_inputs(cfg: MergeConfig) -> Inputs:
@@ -601,6 +618,7 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     result is byte-identical to an uninterrupted run)."""
     started = time.perf_counter()
     cfg = load_merge_config(config)
+    check_output(out, overwrite, input_paths(cfg))  # before any work: OUT must not hold an input
     dev = resolve_device(device)
     ins = open_inputs(cfg)
     method = cfg.method()
@@ -612,7 +630,8 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     if resume and not resumable:
         log.warning("%s merges are not resumable (%s); this run starts from the beginning",
                     method.name, "two passes over the model" if granularity == "model" else "no journal")
-    with atomic_output(out, overwrite, resume=resumable) as tmp:
+    needed = output_bytes(ins, plan)
+    with atomic_output(out, overwrite, resume=resumable, inputs=input_paths(cfg), needed=needed) as tmp:
         fingerprint = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), dtype_name(ins.out_dtype),
                                                  str(shard_size), slta.__version__], sort_keys=True).encode()).hexdigest()
         journal = Journal(tmp if resumable else None, fingerprint)
@@ -775,6 +794,9 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
     balanced, and write the merge. No forward pass: only the T+1 checkpoints are read again."""
     started = time.perf_counter()
     grams, tasks, meta = read_stats(stats)
+    stats_inputs = {f"statistics {stats}": stats, f"base_model {meta['base_model']}": meta["base_model"],
+                    **{f"model {p}": p for p in meta["models"]}, **{f"data {p}": p for p in meta["data"]}}
+    check_output(out, overwrite, stats_inputs)
     T = len(meta["models"])
     models = list(range(T)) if models is None else list(models)
     if not models or any(not 0 <= m < T for m in models) or len(set(models)) != len(models):
@@ -794,7 +816,7 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
     bal = cfg.param("balance")
     sols = {name: solve_module(g, tasks, bal, models=models) for name, g in grams.items()}
     alphas = {k: s.alpha for k, s in sols.items()}
-    with atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite, inputs=stats_inputs, needed=output_bytes(ins, plan)) as tmp:
         writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
                                parse_size(shard_size))
         try:

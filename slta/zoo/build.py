@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from slta.output import check_output
 from slta.zoo import tasks
 from slta.zoo.tokenizer import train_tokenizer
 from slta.zoo.train import encode_examples, make_model, packed_batches, sft_batches, train_loop
@@ -177,6 +178,7 @@ def build_zoo(
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "zoo.json").exists():
         raise FileExistsError(f"{out_dir} exists and is not a zoo (no zoo.json); refusing to overwrite it")
+    check_output(out_dir, overwrite=True)  # never the working directory or a parent of it (rebuilds delete it)
 
     # Deterministic training: fixed threads, deterministic kernels, seeded everything.
     prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()

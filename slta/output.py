@@ -1,0 +1,214 @@
+"""The output folder: checked before any work, written beside OUT, moved into place only when complete.
+
+What a user can type wrong here costs files, so every command that writes a folder (`merge`,
+`solve`, `analyze`, `zoo build`) goes through these checks:
+
+- OUT must not be, contain, or lie inside any input (base, fine-tunes, calibration files,
+  statistics): `--overwrite` would otherwise delete the inputs before the merge reads them.
+- OUT must not be the working directory or one of its parents.
+- `--overwrite` replaces only an empty folder or one that an earlier run wrote (a model or report
+  folder); anything else is refused, so `-o ~ --overwrite` cannot delete a home folder.
+- One run at a time per OUT (an advisory lock beside it), so two runs never mix their files.
+- Leftovers of killed runs to the same OUT (`.OUT.tmp-PID`, `.OUT.old-PID`, a stale
+  `.OUT.partial`) are removed at the next run, with one line saying so.
+- Disk full and read-only targets are one-line errors that name OUT and the space needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+log = logging.getLogger("slta")
+
+# Files whose presence marks a folder as one an earlier run (or a model save) wrote; --overwrite
+# replaces such a folder, or an empty one, and nothing else.
+OUTPUT_MARKERS = ("slta_report.json", "config.json", "linearity.json", "zoo.json", "model.safetensors",
+                  "model.safetensors.index.json")
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+ACCESS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class OutputError(ValueError):
+    """The output folder cannot be written safely; the message names it and says what to do."""
+
+
+def _resolve(p: str | Path) -> Path:
+    return Path(p).expanduser().resolve()  # follows symlinks, so a link to an input is caught too
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def partial_folder(out: str | Path) -> Path:
+    """Where a resumable run (`--resume`) works: `.OUT.partial` beside OUT."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def check_output(out: str | Path, overwrite: bool = False, inputs: Mapping[str, str | Path] | None = None) -> Path:
+    """Refuse an OUT that would destroy an input, the working directory or foreign files.
+
+    `inputs` maps a label ("base_model ./zoo/base", "data of model ./math", ...) to a path. Runs
+    before any heavy work; returns OUT resolved."""
+    shown = str(out)
+    target = _resolve(out)
+    for label, path in (inputs or {}).items():
+        p = _resolve(path)
+        if _within(p, target):
+            what = "is" if p == target else "contains"
+            raise OutputError(f"output {shown} {what} the input {label} ({p}): writing there would delete it; "
+                              f"choose another output folder")
+        if _within(target, p):
+            raise OutputError(f"output {shown} lies inside the input {label} ({p}); choose a folder outside "
+                              f"every input")
+    cwd = Path.cwd().resolve()
+    if _within(cwd, target):
+        raise OutputError(f"output {shown} is the working directory or one of its parents ({target}); "
+                          f"choose a new folder, e.g. -o ./merged")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise OutputError(f"output {shown} exists and is not a folder; choose another path")
+        if not overwrite:
+            raise FileExistsError(f"output {shown} already exists (pass --overwrite to replace it)")
+        entries = sorted(p.name for p in target.iterdir())
+        if entries and not any(m in entries for m in OUTPUT_MARKERS):
+            raise OutputError(f"output {shown} holds files slta did not write (e.g. {entries[0]}) and no model "
+                              f"or report; --overwrite replaces only such folders: choose a new or empty folder")
+    return target
+
+
+def check_free_space(out: str | Path, needed: int) -> None:
+    """Refuse before any work when the filesystem of OUT cannot hold `needed` bytes."""
+    parent = _resolve(out).parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OutputError(f"not enough disk space for output {out}: it needs {_size(needed)}, the filesystem "
+                          f"of {parent} has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _os_error(e: OSError, out: str | Path, needed: int | None, doing: str) -> OutputError | None:
+    """A one-line OutputError for the OS errors a user can fix (full disk, read-only target)."""
+    if e.errno in SPACE_ERRORS:
+        need = f"; the output needs {_size(needed)}" if needed else ""
+        return OutputError(f"disk full while {doing} output {out}{need}; free space on its filesystem or choose "
+                           f"another -o (nothing was left behind)")
+    if e.errno in ACCESS_ERRORS:
+        return OutputError(f"cannot write output {out}: {os.strerror(e.errno).lower()} "
+                           f"({e.filename or Path(out).parent}); choose a writable folder")
+    return None
+
+
+@contextmanager
+def _lock(out: Path, shown: str) -> Iterator[None]:
+    """An advisory lock `.OUT.lock` beside OUT for the whole run: a second run to the same OUT stops
+    at once instead of interleaving its files (the kernel drops the lock when a run dies, even by
+    kill -9)."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise (_os_error(e, shown, None, "creating") or e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another slta run is writing output {shown} ({path} is locked); wait for it to "
+                              f"finish or choose another -o") from None
+        try:  # the file may have been removed by the run that just finished: lock the live one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _clean_leftovers(out: Path, shown: str, keep_partial: bool) -> None:
+    """Remove what killed runs to this OUT left beside it (safe: we hold OUT's lock)."""
+    pattern = [f".{out.name}.tmp-", f".{out.name}.old-"]
+    found = [p for p in out.parent.iterdir() if any(p.name.startswith(s) for s in pattern)]
+    partial = partial_folder(out)
+    if not keep_partial and partial.exists():
+        found.append(partial)
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if found:
+        log.warning("removed %d leftover(s) of an interrupted earlier run to %s: %s", len(found), shown,
+                    ", ".join(p.name for p in found))
+
+
+@contextmanager
+def atomic_output(out: str | Path, overwrite: bool = False, resume: bool = False,
+                  inputs: Mapping[str, str | Path] | None = None, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; move it to `out` only if the block completes.
+
+    A crash, Ctrl-C or error leaves no `out` and no temporary folder. A resumable run (`resume`)
+    works in `.OUT.partial` instead, which survives an interruption and is picked up by the next
+    run with `resume`. `inputs` and `needed` (bytes to be written) are checked first."""
+    shown = str(out)
+    target = check_output(out, overwrite, inputs)
+    if needed is not None:
+        check_free_space(target, needed)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (_os_error(e, shown, needed, "creating") or e) from None
+    with _lock(target, shown):
+        check_output(out, overwrite, inputs)  # again: a run that held the lock may have just written OUT
+        _clean_leftovers(target, shown, keep_partial=resume)
+        tmp = partial_folder(target) if resume else target.parent / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            tmp.mkdir(exist_ok=True)
+        except OSError as e:
+            raise (_os_error(e, shown, needed, "creating") or e) from None
+        try:
+            yield tmp
+            _replace(tmp, target)
+        except BaseException as e:
+            if not resume or isinstance(e, OSError) and e.errno in SPACE_ERRORS + ACCESS_ERRORS:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                err = _os_error(e, shown, needed, "writing")
+                if err is not None:
+                    raise err from None
+            raise
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing OUT (checked by check_output) is replaced."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)  # put the previous output back rather than leave none
+        raise
+    shutil.rmtree(old)
