@@ -1,0 +1,35 @@
+"""Issue #14: defects in what slta writes (merged tensors, exported YAML, printed scores, figures,
+model cards, warnings, README numbers). One test per item, each failing on the code before its fix."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slta.merge import run_merge
+from tiny import make_data, make_family, write_config
+
+torch.set_num_threads(1)
+
+
+# -- 1. finiteness is checked on what is written, after the cast to the output dtype ------------------
+
+def test_float16_overflow_is_an_error_naming_tensor_and_dtype(tmp_path):
+    """A merged value that is finite in float32 but over float16's 65504 must not be written as inf."""
+    base, tuned = make_family(tmp_path, "llama", T=2)
+    # task vectors are ~1e-2: a weight of 1e8 makes merged values ~1e6, finite in float32, inf in float16
+    cfg = write_config(tmp_path / "c.yml", base, tuned, None, method="task_arithmetic", weight=1e8)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["dtype"] = "float16"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as err:
+        run_merge(cfg, out, progress=False)
+    msg = str(err.value)
+    assert "float16" in msg and "model.embed_tokens.weight" in msg, msg
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may land in OUT"
