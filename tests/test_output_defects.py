@@ -33,3 +33,16 @@ def test_float16_overflow_is_an_error_naming_tensor_and_dtype(tmp_path):
     msg = str(err.value)
     assert "float16" in msg and "model.embed_tokens.weight" in msg, msg
     assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may land in OUT"
+
+
+# -- 3. `slta analyze` prints scores with significant digits ------------------------------------------
+
+def test_analyze_summary_prints_significant_digits():
+    from slta.linearity import format_summary
+
+    data = {"models": ["/m/math", "/m/code"],
+            "summary": {"score": {"model": [{"mean": 0.4272, "std": 0.0932}, {"mean": None, "std": None}],
+                                  "mlp": [{"mean": 1.234e-5, "std": 3.1e-6}, {"mean": 0.0, "std": None}]}}}
+    text = format_summary(data)
+    assert "0.0000 ± 0.0000" not in text
+    assert "1.23e-05 ± 3.1e-06" in text and "0.427 ± 0.093" in text and "n/a" in text, text
