@@ -46,3 +46,29 @@ def test_analyze_summary_prints_significant_digits():
     text = format_summary(data)
     assert "0.0000 ± 0.0000" not in text
     assert "1.23e-05 ± 3.1e-06" in text and "0.427 ± 0.093" in text and "n/a" in text, text
+
+
+# -- 5. model cards: no duplicate tags; a TIES card states its parameters ------------------------------
+
+def _front_matter_tags(card: str) -> list[str]:
+    return yaml.safe_load(card.split("---")[1])["tags"]
+
+
+def test_model_card_has_unique_tags_and_ties_parameters(tmp_path):
+    base, tuned = make_family(tmp_path, "llama", T=2)
+    data = make_data(tmp_path, T=2, n=4)
+    slta_cfg = write_config(tmp_path / "s.yml", base, tuned, data, granularity="layer", num_samples=4)
+    card = (run_merge(slta_cfg, tmp_path / "slta_out", progress=False) / "README.md").read_text()
+    tags = _front_matter_tags(card)
+    assert len(tags) == len(set(tags)) and "slta" in tags, tags
+
+    ties_cfg = write_config(tmp_path / "t.yml", base, tuned, None, method="ties", density=0.3, weight=0.7)
+    raw = yaml.safe_load(ties_cfg.read_text())
+    raw["models"][1]["parameters"] = {"density": 0.6}
+    ties_cfg.write_text(yaml.safe_dump(raw))
+    card = (run_merge(ties_cfg, tmp_path / "ties_out", progress=False) / "README.md").read_text()
+    assert _front_matter_tags(card) == ["merge", "ties", "slta"]
+    # model 1 falls through to the top-level density, model 2 has its own; lambda is TIES' default
+    assert "model 1: weight: `0.7`, density: `0.3`" in card, card
+    assert "model 2: weight: `0.7`, density: `0.6`" in card, card
+    assert "lambda: `1.0`" in card and "TIES-Merging" in card, card
