@@ -72,3 +72,26 @@ def test_model_card_has_unique_tags_and_ties_parameters(tmp_path):
     assert "model 1: weight: `0.7`, density: `0.3`" in card, card
     assert "model 2: weight: `0.7`, density: `0.6`" in card, card
     assert "lambda: `1.0`" in card and "TIES-Merging" in card, card
+
+
+# -- 6. no deprecated transformers arguments; the requirement is the tested range ------------------------
+
+def test_no_transformers_future_warnings_and_tested_requirement(tmp_path):
+    base, tuned = make_family(tmp_path, "mistral", T=2)  # mistral: full and sliding-window masks
+    data = make_data(tmp_path, T=2, n=4)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity="attn_mlp", num_samples=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # e.g. `past_key_values` removed in transformers 5.40
+        run_merge(cfg, tmp_path / "out", progress=False)
+
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    req = next(Requirement(r) for r in project["project"]["dependencies"] if r.startswith("transformers"))
+    assert version("transformers") in req.specifier, f"the tests run on a transformers outside {req}"
+    assert any("past_key_values" in f and f.startswith("error")
+               for f in project["tool"]["pytest"]["ini_options"]["filterwarnings"])
