@@ -125,5 +125,9 @@ def mergekit_config(report: dict[str, Any], num_layers: int, tied: bool) -> dict
                 conds += [{"filter": "self_attn", "value": attn}, {"filter": "input_layernorm", "value": attn},
                           {"filter": "mlp", "value": mlp}, {"filter": "post_attention_layernorm", "value": mlp}]
         models.append({"model": path, "parameters": {"weight": conds}})
-    return {"merge_method": "task_arithmetic", "base_model": report["base_model"], "models": models,
-            "parameters": {"normalize": False, "lambda": 1.0}, "dtype": report["dtype"]}
+    # mergekit's `dtype` is its compute dtype: compute in float32 as slta did, then write the output dtype
+    out = {"merge_method": "task_arithmetic", "base_model": report["base_model"], "models": models,
+           "parameters": {"normalize": False, "lambda": 1.0}, "dtype": "float32"}
+    if report["dtype"] != "float32":
+        out["out_dtype"] = report["dtype"]
+    return out

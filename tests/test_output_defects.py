@@ -95,3 +95,27 @@ def test_no_transformers_future_warnings_and_tested_requirement(tmp_path):
     assert version("transformers") in req.specifier, f"the tests run on a transformers outside {req}"
     assert any("past_key_values" in f and f.startswith("error")
                for f in project["tool"]["pytest"]["ini_options"]["filterwarnings"])
+
+
+# -- 2. the exported mergekit YAML of a bfloat16 merge computes in float32 and writes bfloat16 ------------
+
+def test_exported_mergekit_yaml_of_bfloat16_merge_reproduces_tensors_in_mergekit(tmp_path):
+    from _mergekit_env import load_folder, require_mergekit, run_mergekit
+
+    require_mergekit()
+    base, tuned = make_family(tmp_path, "llama", T=2, layers=3)
+    data = make_data(tmp_path, T=2, n=6)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity="attn_mlp", num_samples=4)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["dtype"] = "bfloat16"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = run_merge(cfg, tmp_path / "out", progress=False)
+    exported = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    # in mergekit `dtype` is the compute dtype: bfloat16 there would round every task vector
+    assert exported["dtype"] == "float32" and exported["out_dtype"] == "bfloat16", exported
+    ours = {k: v for k, v in load_folder(out).items() if k != "tasks" and not k.startswith("gram/")}
+    theirs = load_folder(run_mergekit(exported, tmp_path, "exported"))
+    assert set(theirs) == set(ours)
+    for name, t in ours.items():
+        assert t.dtype == theirs[name].dtype == torch.bfloat16, name
+        assert torch.equal(t, theirs[name]), f"{name}: {int((t != theirs[name]).sum())} entries differ"
