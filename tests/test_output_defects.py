@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -119,3 +120,53 @@ def test_exported_mergekit_yaml_of_bfloat16_merge_reproduces_tensors_in_mergekit
     for name, t in ours.items():
         assert t.dtype == theirs[name].dtype == torch.bfloat16, name
         assert torch.equal(t, theirs[name]), f"{name}: {int((t != theirs[name]).sum())} entries differ"
+
+
+# -- 4. figures: a colour per method, Fig. 5's scale and rows, where `slta report` writes -----------------
+
+DEMO_ROWS = ["Base Model", "Fine-tuned Model", "Weight Avg", "Task Arithmetic", "TIES", "DARE", "Breadcrumbs",
+             "Consensus TA", "RegMean", "slta Model Level", "slta Layer Level", "slta Attn/MLP Level",
+             "slta Head/MLP Level"]
+
+
+def test_figures_distinct_method_colours_alpha_scale_rows_and_report_location(tmp_path, monkeypatch):
+    from matplotlib.colors import to_rgb
+
+    from slta import figures
+
+    # the accuracy chart: 13 methods, 13 colours; slta's rows blue and hatched, the others not
+    rows = [(n, [(10.0 + k, 0.5 if n.startswith("slta") else None)] * 4) for k, n in enumerate(DEMO_ROWS)]
+    fig = figures.accuracy_figure(rows, ["a & b", "a & c", "b & c", "a & b & c"], "demo")
+    bars = {c.get_label(): c.patches for c in fig.axes[0].containers if hasattr(c, "patches")}
+    colours = {n: to_rgb(p[0].get_facecolor()) for n, p in bars.items()}
+    assert len(set(colours.values())) == len(DEMO_ROWS) == len(colours)
+    for n, patches in bars.items():
+        hatched = bool(patches[0].get_hatch())
+        assert hatched == n.startswith("slta"), n
+        if n.startswith("slta"):
+            r, g, b = colours[n]
+            assert b > r and b > g, (n, colours[n])
+
+    # Figure 5: the colour scale spans α's range (all positive here), not [-max, max]; embed and head
+    # α sit in their own row, not in the attention row
+    modules = {"embed": {"alpha": [0.4, 0.5]}, "layers.0.attn": {"alpha": [0.3, 0.6]},
+               "layers.0.mlp": {"alpha": [0.9, 0.45]}, "head": {"alpha": [0.2, 0.7]}}
+    report = {"models": ["/m/a", "/m/b"], "granularity": "attn_mlp", "modules": modules}
+    image = figures.fig5_figure(report).axes[0].images[0]
+    assert (image.norm.vmin, image.norm.vmax) == pytest.approx((0.2, 0.9))
+    row_labels, cols, grid = figures.alpha_grid(modules)
+    attn = row_labels.index("attn")
+    assert np.isnan(grid[:, attn, cols.index("embed")]).all() and np.isnan(grid[:, attn, cols.index("head")]).all()
+    assert grid[0, row_labels.index(figures.OUTER_ROW), cols.index("head")] == 0.2
+
+    # `slta report MERGED` writes into the current directory (or -o), never into the model folder
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "slta_report.json").write_text(json.dumps(report))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert figures.run_report(merged) == work / "fig5_alpha.png" and (work / "fig5_alpha.png").exists()
+    assert figures.run_report(merged, tmp_path / "figs") == tmp_path / "figs" / "fig5_alpha.png"
+    assert figures.run_report(merged, tmp_path / "x.png") == tmp_path / "x.png"
+    assert sorted(p.name for p in merged.iterdir()) == ["slta_report.json"]
