@@ -43,6 +43,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the folder, file and tensor."""
 
 
+class OutputValueError(ValueError):
+    """A merged tensor that is not finite in the output dtype (e.g. over 65504 in float16)."""
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
@@ -223,6 +227,15 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _not_finite_message(name: str, source: torch.Tensor, dtype: torch.dtype) -> str:
+    src = source.detach().float()
+    if not bool(torch.isfinite(src).all()):
+        return f"merged tensor {name} has non-finite values (NaN/Inf); nothing was written"
+    return (f"merged tensor {name} does not fit in the output dtype {dtype_name(dtype)}: its largest |value| is "
+            f"{float(src.abs().max()):.6g}, {dtype_name(dtype)} holds at most {torch.finfo(dtype).max:.6g}; "
+            f"nothing was written (choose `dtype: bfloat16` or `float32`)")
+
+
 # -- writing ---------------------------------------------------------------------------------
 
 def parse_size(size: str | int) -> int:
@@ -304,6 +317,9 @@ class ShardedWriter:
         shard, offset, nbytes = self.where[name]
         shape = self.shapes[name]
         t = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        # Checked after the cast: a finite float32 value can become inf in float16.
+        if t.is_floating_point() and not (bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())):
+            raise OutputValueError(_not_finite_message(name, tensor, self.dtype))
         rows = shape[0] if shape else 1
         if tuple(t.shape) != tuple(shape) and (not shape or tuple(t.shape[1:]) != tuple(shape[1:])):
             raise RuntimeError(f"internal error: {name} has shape {tuple(t.shape)}, planned {shape}")

@@ -78,8 +78,9 @@ class Runner:
                 pos = torch.arange(s, device=self.device)[None]
                 dummy = torch.empty(len(chunk), s, self.config.hidden_size, device=self.device, dtype=self.dtype)
                 masks = {}
+                # `cache`, not `past_key_values`: that name is deprecated and goes in transformers 5.40
                 kw = dict(config=self.config, inputs_embeds=dummy, attention_mask=valid.long(),
-                          past_key_values=None, position_ids=pos)
+                          cache=None, position_ids=pos)
                 if "full_attention" in types:
                     masks["full_attention"] = create_causal_mask(**kw)
                 if "sliding_attention" in types:

@@ -6,6 +6,7 @@
   fig6_distance_matrix.png      Figure 6: D(f(θ_i), f(θ_j)) / D(f(θ_N), f(θ_0)) next to the ideal |i-j|/N
   interpolation_curves.png      Table 18: D(f(θ_0 + ατ), f(θ)) / D(f(θ_0), f(θ)) against α
   fig5_alpha.png                Figure 5 (`slta report MERGED`): every module's α as a heatmap
+  accuracy chart                the demo's exact match per method (`accuracy_chart`)
 
 Figures are built on matplotlib's object API (no pyplot state, no display needed).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 LEVEL_LABELS = {"model": "Model", "layer": "Layer", "attn": "Attn", "mlp": "MLP", "head": "Head"}
@@ -190,9 +192,73 @@ def draw_analysis(data: dict[str, Any], out: str | Path, modules: Sequence[str] 
     return paths
 
 
+# -- the demo's accuracy chart ------------------------------------------------------------------------
+
+# One colour family per kind of method, one shade per method (13 methods overflow a 10-colour cycle):
+# references grey, data-free baselines warm, RegMean green, slta blue and hatched.
+FAMILIES = {"reference": ["#3f3f3f", "#a8a8a8"],
+            "baseline": ["#7f2704", "#f16913", "#b2182b", "#fdae6b", "#e7298a", "#d9a300", "#fcbba1"],
+            "data": ["#1b7837", "#7fbf7b"],
+            "slta": ["#08306b", "#2171b5", "#6baed6", "#c6dbef"]}
+REFERENCE_ROWS = ("Base Model", "Fine-tuned Model")
+
+
+def method_family(name: str) -> str:
+    if name in REFERENCE_ROWS:
+        return "reference"
+    if name.lower().startswith("slta"):
+        return "slta"
+    return "data" if name.lower().startswith("regmean") else "baseline"
+
+
+def method_colors(names: Sequence[str]) -> dict[str, str]:
+    """A distinct colour per method, shades of its family's hue (spread when the family has more
+    methods than listed shades)."""
+    from matplotlib.colors import LinearSegmentedColormap, to_hex
+
+    groups: dict[str, list[str]] = {}
+    for n in dict.fromkeys(names):
+        groups.setdefault(method_family(n), []).append(n)
+    out = {}
+    for fam, members in groups.items():
+        shades = FAMILIES[fam]
+        if len(members) > len(shades):
+            cmap = LinearSegmentedColormap.from_list(fam, shades)
+            shades = [to_hex(cmap(x)) for x in np.linspace(0, 1, len(members))]
+        out.update(zip(members, shades))
+    return out
+
+
+def accuracy_figure(rows: Sequence[tuple[str, Sequence[tuple[float, float | None]]]], combos: Sequence[str],
+                    title: str) -> Figure:
+    """Grouped bars: one group per model combination, one bar per method (mean, error bar = std)."""
+    colors = method_colors([name for name, _ in rows])
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(combos))
+    for k, (name, cells) in enumerate(rows):
+        stds = [s or 0 for _, s in cells]
+        slta_row = method_family(name) == "slta"
+        ax.bar(x + k * width, [m for m, _ in cells], width, yerr=stds if any(stds) else None, capsize=2,
+               label=name, color=colors[name], hatch="///" if slta_row else None,
+               edgecolor="white" if slta_row else colors[name], linewidth=0)
+    ax.set_xticks(x + width * (len(rows) - 1) / 2, list(combos))
+    ax.set_ylabel("average exact match (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="hatched: slta", title_fontsize=7)
+    return fig
+
+
+def accuracy_chart(rows: Sequence[tuple[str, Sequence[tuple[float, float | None]]]], combos: Sequence[str],
+                   title: str, path: str | Path) -> Path:
+    return _save(accuracy_figure(rows, combos, title), Path(path))
+
+
 # -- Figure 5: the α of every module of a merge --------------------------------------------------------
 
 _LAYER = re.compile(r"^layers\.(\d+)(?:\.(.+))?$")
+OUTER_ROW = "outside layers"
 
 
 def _row_key(row: str) -> tuple:
@@ -203,8 +269,9 @@ def _row_key(row: str) -> tuple:
 
 def alpha_grid(modules: dict[str, dict[str, Any]]) -> tuple[list[str], list[str], np.ndarray]:
     """(row labels, column labels, α of shape (T, rows, cols)): columns are the modules outside the
-    layers that come first (embed), the layers, then the others (head, lm_head...); rows are the
-    kinds inside a layer (layer | attn, head.g, mlp | linear names). Missing cells are NaN."""
+    layers that come first (embed), the layers, then the others (head, lm_head...); rows are
+    OUTER_ROW (those outside modules) then the kinds inside a layer (layer | attn, head.g, mlp |
+    linear names). Missing cells are NaN."""
     rows: set[str] = set()
     layers: set[int] = set()
     outer_in, outer_out = [], []
@@ -217,7 +284,9 @@ def alpha_grid(modules: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]
             outer_in.append(name)
         else:
             outer_out.append(name)
-    row_labels = sorted(rows, key=_row_key) or ["all"]
+    # modules outside the layers (embed, head, the whole model) get their own row: in row 0 they
+    # would read as that layer kind's α (e.g. attention)
+    row_labels = ([OUTER_ROW] if outer_in or outer_out else []) + sorted(rows, key=_row_key)
     cols = outer_in + [str(i) for i in sorted(layers)] + outer_out
     T = len(next(iter(modules.values()))["alpha"])
     grid = np.full((T, len(row_labels), len(cols)), np.nan)
@@ -226,21 +295,37 @@ def alpha_grid(modules: dict[str, dict[str, Any]]) -> tuple[list[str], list[str]
         if m:
             r, c = row_labels.index(m.group(2) or "layer"), cols.index(m.group(1))
         else:
-            r, c = 0, cols.index(name)
+            r, c = 0, cols.index(name)  # OUTER_ROW
         grid[:, r, c] = info["alpha"]
     return row_labels, cols, grid
 
 
+def alpha_norm(grid: np.ndarray) -> tuple[Normalize, str]:
+    """The colour scale of Figure 5: α's own range (a scale centred at 0 leaves half its colours
+    unused when every α is positive); diverging at 0 only when α takes both signs."""
+    finite = grid[np.isfinite(grid)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    if lo < 0 < hi:
+        return TwoSlopeNorm(0.0, lo, hi), "RdBu_r"
+    return Normalize(lo, hi), "viridis"
+
+
 def fig5_alpha(report: dict[str, Any], path: str | Path) -> Path:
     """Figure 5: each module's merge weight α_t as a heatmap, one panel per fine-tuned model."""
+    return _save(fig5_figure(report), Path(path))
+
+
+def fig5_figure(report: dict[str, Any]) -> Figure:
+    """Figure 5 as a matplotlib Figure (see fig5_alpha)."""
     modules = report.get("modules") or {}
     if not modules or not all("alpha" in v for v in modules.values()):
         raise ValueError("this merge report has no per-module α (only `merge_method: slta` merges have them)")
     rows, cols, grid = alpha_grid(modules)
     names = [Path(m).name for m in report.get("models", [])] or [f"model {t + 1}" for t in range(grid.shape[0])]
     T = grid.shape[0]
-    finite = grid[np.isfinite(grid)]
-    lim = max(abs(float(finite.min())), abs(float(finite.max())), 1e-12)
+    norm, cmap = alpha_norm(grid)
     w = min(22.0, max(4.0, 0.32 * len(cols) + 2))
     h = max(1.6, 0.28 * len(rows) + 1.1)
     fig = Figure(layout="constrained", figsize=(w, h * T + 0.6))
@@ -248,7 +333,7 @@ def fig5_alpha(report: dict[str, Any], path: str | Path) -> Path:
     im = None
     for t, ax in enumerate(axes):
         masked = np.ma.masked_invalid(grid[t])
-        im = ax.imshow(masked, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_facecolor("#eeeeee")
         ax.set_yticks(range(len(rows)), rows, fontsize=7)
         step = max(1, len(cols) // 40)
@@ -258,15 +343,22 @@ def fig5_alpha(report: dict[str, Any], path: str | Path) -> Path:
             for r in range(len(rows)):
                 for c in range(len(cols)):
                     if np.isfinite(grid[t, r, c]):
-                        ax.text(c, r, f"{grid[t, r, c]:.2f}", ha="center", va="center", fontsize=6)
+                        v = grid[t, r, c]  # dark text on the light end of the scale
+                        x = float(norm(v))
+                        light = abs(x - 0.5) < 0.3 if cmap == "RdBu_r" else x > 0.6
+                        ink = "black" if light else "white"
+                        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color=ink)
     axes[-1].set_xlabel("layer (outer modules at the ends)")
     fig.colorbar(im, ax=axes.tolist(), shrink=0.9, label="α")
     fig.suptitle(f"Merge weights per module (granularity {report.get('granularity', '?')})", fontsize=10)
-    return _save(fig, Path(path))
+    return fig
 
 
 def run_report(merged: str | Path, out: str | Path | None = None) -> Path:
-    """`slta report MERGED [-o PNG]`: Figure 5 from the merge folder's slta_report.json."""
+    """`slta report MERGED [-o PNG_OR_DIR]`: Figure 5 from the merge folder's slta_report.json.
+
+    Written to `out` (a .png file, or a folder that gets fig5_alpha.png), by default into the current
+    directory: never into the model folder, which holds only what `slta merge` wrote."""
     merged = Path(merged)
     src = merged / "slta_report.json" if merged.is_dir() else merged
     if not src.exists():
@@ -275,7 +367,9 @@ def run_report(merged: str | Path, out: str | Path | None = None) -> Path:
         report = json.loads(src.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{src}: not valid JSON ({e})") from e
-    target = Path(out) if out else (src.parent / "fig5_alpha.png")
+    target = Path(out) if out else Path.cwd()
+    if target.suffix.lower() != ".png":
+        target = target / "fig5_alpha.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp.png")
     try:
@@ -289,7 +383,7 @@ def run_report(merged: str | Path, out: str | Path | None = None) -> Path:
 def add_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("report", help="draw Figure 5 (every module's α as a heatmap) from a merge folder")
     p.add_argument("merged", help="a merge output folder (or its slta_report.json)")
-    p.add_argument("-o", "--output", help="PNG to write (default: MERGED/fig5_alpha.png)")
+    p.add_argument("-o", "--output", help="PNG file, or folder for fig5_alpha.png (default: the current directory)")
     p.set_defaults(func=_cli)
 
 

@@ -689,6 +689,7 @@ def format_summary(data: dict[str, Any]) -> str:
     names = [Path(m).name for m in data["models"]]
     lines = ["| level | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for level, per_model in score.items():
-        cells = [("n/a" if e["mean"] is None else f"{e['mean']:.4f} ± {e['std'] or 0:.4f}") for e in per_model]
+        # significant digits, not decimals: module scores of ~1e-5 must not print as 0.0000
+        cells = [("n/a" if e["mean"] is None else f"{e['mean']:.3g} ± {e['std'] or 0:.2g}") for e in per_model]
         lines.append(f"| {level} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -29,9 +30,41 @@ def alpha_summary(modules: dict[str, dict[str, Any]]) -> list[tuple[str, int, li
     return rows
 
 
+def _show(v: Any) -> str:
+    return json.dumps(v, separators=(", ", ": ")) if isinstance(v, (list, dict)) else str(v)
+
+
+def parameter_lines(report: dict[str, Any]) -> list[str]:
+    """The merge's parameters as the driver resolves them: the method's (given at the top level, else its
+    default) and each model's (its own, else the top-level value, else the default, as mergekit does)."""
+    from slta import methods
+
+    config = report.get("config") or {}
+    given = config.get("parameters") or {}
+    try:
+        method = methods.get(report.get("method", ""))
+    except KeyError:
+        return []
+    shown = {k: v for k, v in {**method.method_params, **given}.items()
+             if k not in method.model_params and v is not methods.REQUIRED}
+    lines = ["## Parameters", ""]
+    if shown:
+        lines.append("- " + ", ".join(f"{k}: `{_show(v)}`" for k, v in shown.items()))
+    for i, entry in enumerate(config.get("models") or []):
+        own = entry.get("parameters") or {}
+        resolved = {k: own.get(k, given.get(k, d)) for k, d in method.model_params.items()}
+        cells = [f"{k}: `{_show(v)}`" for k, v in resolved.items() if v is not methods.REQUIRED]
+        if cells:
+            lines.append(f"- model {i + 1}: " + ", ".join(cells))
+    if method.reference:
+        lines += ["", f"Method: {method.reference}."]
+    return lines + [""] if len(lines) > 2 else []
+
+
 def model_card(report: dict[str, Any]) -> str:
     method = report.get("method", "?")
-    lines = ["---", "library_name: transformers", "tags:", "- merge", f"- {method}", "- slta", "---", "",
+    tags = list(dict.fromkeys(["merge", method, "slta"]))  # method "slta" must not repeat the tag
+    lines = ["---", "library_name: transformers", "tags:", *(f"- {t}" for t in tags), "---", "",
              f"# Merged model ({method})", "",
              f"Merged with [slta](https://pypi.org/project/slta/) {report.get('slta_version', '')} "
              f"using `{method}`.", "", f"- base model: `{report.get('base_model')}`"]
@@ -53,7 +86,8 @@ def model_card(report: dict[str, Any]) -> str:
         if any(r != "exact" for r in rules):
             lines += ["", f"{sum(r != 'exact' for r in rules)} module(s) had a singular or ill-conditioned system "
                       "and were solved by the minimum-norm rule; see `slta_report.json`."]
-    lines += ["", "Full details (every module's α, solver diagnostics, timings, versions): `slta_report.json`.", "",
+    lines += [""] + parameter_lines(report)
+    lines += ["Full details (every module's α, solver diagnostics, timings, versions): `slta_report.json`.", "",
               "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 
@@ -91,5 +125,9 @@ def mergekit_config(report: dict[str, Any], num_layers: int, tied: bool) -> dict
                 conds += [{"filter": "self_attn", "value": attn}, {"filter": "input_layernorm", "value": attn},
                           {"filter": "mlp", "value": mlp}, {"filter": "post_attention_layernorm", "value": mlp}]
         models.append({"model": path, "parameters": {"weight": conds}})
-    return {"merge_method": "task_arithmetic", "base_model": report["base_model"], "models": models,
-            "parameters": {"normalize": False, "lambda": 1.0}, "dtype": report["dtype"]}
+    # mergekit's `dtype` is its compute dtype: compute in float32 as slta did, then write the output dtype
+    out = {"merge_method": "task_arithmetic", "base_model": report["base_model"], "models": models,
+           "parameters": {"normalize": False, "lambda": 1.0}, "dtype": "float32"}
+    if report["dtype"] != "float32":
+        out["out_dtype"] = report["dtype"]
+    return out

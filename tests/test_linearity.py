@@ -381,11 +381,11 @@ def test_report_draws_alpha_heatmap_from_a_merge(tmp_path, capsys):
     for g in ("head_mlp", "layer", "model"):
         cfg = write_config(tmp_path / f"{g}.yml", base, tuned, data, granularity=g, num_samples=3)
         merged = run_merge(cfg, tmp_path / f"m_{g}", progress=False)
-        cli(["report", str(merged)])
-        assert is_png(merged / "fig5_alpha.png"), g
+        cli(["report", str(merged), "-o", str(tmp_path / g)])
+        assert is_png(tmp_path / g / "fig5_alpha.png"), g
     rows, cols, grid = figures.alpha_grid(json.loads((tmp_path / "m_head_mlp" / "slta_report.json").read_text())["modules"])
-    assert rows == ["attn", "head.0", "head.1", "mlp"] and cols == ["embed", "0", "1", "2", "head"]
-    assert grid.shape == (3, 4, 5) and np.isfinite(grid[:, :, 1:4]).all()
+    assert rows == [figures.OUTER_ROW, "attn", "head.0", "head.1", "mlp"] and cols == ["embed", "0", "1", "2", "head"]
+    assert grid.shape == (3, 5, 5) and np.isfinite(grid[:, 1:, 1:4]).all()
     png = tmp_path / "fig5.png"
     cli(["report", str(tmp_path / "m_layer" / "slta_report.json"), "-o", str(png)])
     assert is_png(png) and "figure written" in capsys.readouterr().out
