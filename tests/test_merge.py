@@ -167,6 +167,7 @@ def test_existing_output_refused_without_overwrite(tmp_path):
     cfg = write_config(tmp_path / "ta.yml", base, tuned, None, method="task_arithmetic", weight=0.5)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
+    (tmp_path / "out" / "config.json").write_text("{}")  # an older model: --overwrite replaces only such folders
     with pytest.raises(FileExistsError):
         run_merge(cfg, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").exists()
