@@ -1,0 +1,223 @@
+"""PEFT LoRA adapters as merge inputs: every merge of adapters equals the same merge of the
+checkpoints peft's own `merge_and_unload()` writes, and adapters that do not fit are refused.
+
+The adapters are real peft adapters on a tiny Llama (plain LoRA with an embedding, rsLoRA with
+modules_to_save, DoRA with rank/alpha patterns and trainable tokens), their factors randomised so
+that every delta is non-zero (peft initialises B to zero).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+peft = pytest.importorskip("peft")
+from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from slta.adapter import AdapterCheckpoint, AdapterError  # noqa: E402
+from slta.checkpoint import Checkpoint  # noqa: E402
+from slta.config import ConfigError  # noqa: E402
+from slta.linearity import analyze  # noqa: E402
+from slta.merge import run_merge  # noqa: E402
+from tiny import make_data, make_family, save_model, write_config  # noqa: E402
+
+torch.set_num_threads(1)
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {  # three kinds of LoRA a user brings
+    "plain": dict(r=4, lora_alpha=8, target_modules=ALL + ["embed_tokens", "lm_head"]),
+    "rslora": dict(r=4, lora_alpha=6, use_rslora=True, target_modules=ALL, modules_to_save=["lm_head"]),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                 rank_pattern={"down_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3},
+                 trainable_token_indices=[3, 5, 7]),
+}
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, peft_config) -> Path:
+    """Save a peft adapter with random non-zero factors to `out`, and its merge_and_unload() to `out`-full."""
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), peft_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.05 * torch.randn_like(p))
+            elif "lora_" in name or "trainable_tokens" in name or "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    save_model(model.merge_and_unload(), out.with_name(out.name + "-full"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("adapters")
+    base, _ = make_family(root, "llama", T=0, layers=2)
+    adapters = [make_adapter(base, root / name, i, LoraConfig(**kw)) for i, (name, kw) in enumerate(ADAPTERS.items())]
+    return {"root": root, "base": base, "adapters": adapters,
+            "full": [a.with_name(a.name + "-full") for a in adapters], "data": make_data(root, T=3, n=6)}
+
+
+def merged(path: Path) -> dict[str, torch.Tensor]:
+    ck = Checkpoint(path)
+    return ck.get_many(ck.names())
+
+
+def assert_same_merge(zoo: dict, method: str, tmp: Path, **params) -> None:
+    outs = []
+    for kind in ("adapters", "full"):
+        cfg = write_config(tmp / f"{kind}.yml", zoo["base"], zoo[kind], zoo["data"], method, **params)
+        outs.append(merged(run_merge(cfg, tmp / kind, progress=False)))
+    a, b = outs
+    assert a.keys() == b.keys()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=lambda m: f"{method} {name}: {m}")
+    moved = [n for n in b if not torch.equal(b[n], merged_base(zoo)[n])]
+    assert len(moved) > len(b) // 2, "the merge must move most tensors, or the comparison proves little"
+
+
+_BASE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def merged_base(zoo: dict) -> dict[str, torch.Tensor]:
+    key = str(zoo["base"])
+    if key not in _BASE:
+        _BASE[key] = merged(zoo["base"])
+    return _BASE[key]
+
+
+def test_adapter_reads_equal_merge_and_unload(zoo):
+    """Tensor by tensor, whole and by row blocks (embedding, lm_head), for every adapter kind."""
+    base = Checkpoint(zoo["base"])
+    for ad, full in zip(zoo["adapters"], zoo["full"]):
+        ck, ref = AdapterCheckpoint(ad, ad.name, base, "base"), Checkpoint(full)
+        assert ck.names() == base.names()
+        want, got = ref.get_many(ref.names()), ck.get_many(ck.names())
+        changed = [n for n in want if not torch.equal(want[n], base.get(n))]
+        assert changed and all(ck.file_of[n].name == "adapter_model.safetensors" for n in changed)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], atol=1e-6, rtol=0, msg=lambda m: f"{ad.name} {n}: {m}")
+        for n in ("model.embed_tokens.weight", "lm_head.weight"):
+            for lo, hi in ((0, 5), (4, 20), (40, 100)):
+                torch.testing.assert_close(ck.get_rows(n, lo, hi), want[n][lo:hi], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {}), ("ties", {"density": 0.5}), ("dare_linear", {"density": 0.7}), ("linear", {}),
+    ("slta", {"granularity": "attn_mlp", "num_samples": 4}), ("slta", {"granularity": "layer", "num_samples": 4}),
+    ("regmean", {"num_samples": 4}),
+])
+def test_merge_of_adapters_equals_merge_of_merged_checkpoints(zoo, tmp_path, method, params):
+    assert_same_merge(zoo, method, tmp_path, **params)
+
+
+def test_analyze_of_adapters_equals_analyze_of_merged_checkpoints(zoo, tmp_path):
+    res = []
+    for kind in ("adapters", "full"):
+        cfg = write_config(tmp_path / f"{kind}.yml", zoo["base"], zoo[kind], zoo["data"], "slta", num_samples=3)
+        res.append(analyze(cfg, progress=False, levels=["model", "mlp", "attn"], merging=False, steps=4))
+    a, b = res
+    assert a["modules"].keys() == b["modules"].keys()
+    for name, entry in b["modules"].items():
+        np.testing.assert_allclose(a["modules"][name]["score"]["mean"], entry["score"]["mean"], rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(a["modules"][name]["curve"]["mean"], entry["curve"]["mean"], rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+    assert all(s > 0 for s in b["modules"]["model"]["score"]["mean"])
+
+
+# -- refused inputs ------------------------------------------------------------------------------
+
+def edit_config(folder: Path, **changes) -> Path:
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+    return folder
+
+
+def merge_one(zoo: dict, adapter: Path, tmp: Path, base: Path | None = None) -> Path:
+    tmp.mkdir(exist_ok=True)
+    cfg = write_config(tmp / "c.yml", base or zoo["base"], [adapter], None, "task_arithmetic")
+    return run_merge(cfg, tmp / "out", progress=False)
+
+
+def test_adapter_of_another_shape_names_adapter_module_and_shapes(zoo, tmp_path):
+    other, _ = make_family(tmp_path / "wide", "llama", T=0, layers=2, hidden=48, heads=4)
+    ad = make_adapter(other, tmp_path / "wide-lora", 0, LoraConfig(r=2, target_modules=["q_proj"]))
+    # base_model_name_or_path names an existing local folder of another architecture: refused by name
+    with pytest.raises(AdapterError, match=r"wide-lora.*base_model_name_or_path.*hidden_size=48.*another model"):
+        merge_one(zoo, ad, tmp_path)
+    # without the name, the shapes decide
+    edit_config(ad, base_model_name_or_path=None)
+    with pytest.raises(AdapterError, match=r"model .*wide-lora \(adapter_model.safetensors\): module "
+                                           r"model.layers.0.self_attn.q_proj: lora A \[2, 48\] and B \[48, 2\] "
+                                           r"does not fit .*shape \[32, 32\]"):
+        merge_one(zoo, ad, tmp_path)
+
+
+def test_adapter_module_missing_from_base_is_named(zoo, tmp_path):
+    deeper, _ = make_family(tmp_path / "deep", "llama", T=0, layers=3)
+    ad = edit_config(make_adapter(deeper, tmp_path / "deep-lora", 0, LoraConfig(r=2, target_modules=["v_proj"])),
+                     base_model_name_or_path=None)
+    with pytest.raises(AdapterError, match=r"deep-lora \(adapter_model.safetensors\): module "
+                                           r"model.layers.2.self_attn.v_proj has no tensor .* in base_model"):
+        merge_one(zoo, ad, tmp_path)
+
+
+def test_hub_id_of_another_model_is_refused(zoo, tmp_path):
+    # a base in a Hugging Face cache folder knows its hub id
+    cache = tmp_path / "hub" / "models--org--tiny-base" / "snapshots" / "abc"
+    cache.parent.mkdir(parents=True)
+    cache.symlink_to(zoo["base"], target_is_directory=True)
+    ad = tmp_path / "lora"
+    import shutil
+
+    shutil.copytree(zoo["adapters"][0], ad)
+    edit_config(ad, base_model_name_or_path="org/tiny-base")
+    merge_one(zoo, ad, tmp_path / "ok", base=cache)  # the same hub id (any case) is accepted
+    edit_config(ad, base_model_name_or_path="org/tiny-base-instruct")
+    with pytest.raises(AdapterError, match=r"'org/tiny-base-instruct' is not base_model .*\(org/tiny-base\)"):
+        merge_one(zoo, ad, tmp_path / "bad", base=cache)
+
+
+def test_ia3_adapter_is_not_supported(zoo, tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(zoo["base"]),
+                           IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(AdapterError, match=r"ia3.*peft_type 'IA3' is not supported: slta merges LoRA adapters; "
+                                           r"merge_and_unload it first"):
+        merge_one(zoo, tmp_path / "ia3", tmp_path)
+
+
+def test_pissa_adapter_without_conversion_is_refused(zoo, tmp_path):
+    import shutil
+
+    ad = shutil.copytree(zoo["adapters"][0], tmp_path / "pissa")
+    edit_config(ad, init_lora_weights="pissa_niter_4")
+    with pytest.raises(AdapterError, match="path_initial_model_for_weight_conversion"):
+        merge_one(zoo, ad, tmp_path)
+
+
+def test_adapters_need_base_model(zoo, tmp_path):
+    cfg = {"merge_method": "linear", "models": [{"model": str(a)} for a in zoo["adapters"][:2]]}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"models\[0\] .*plain.* is a PEFT adapter: set base_model"):
+        run_merge(tmp_path / "c.yml", tmp_path / "out", progress=False)
+
+
+def test_adapter_without_weights_is_named(zoo, tmp_path):
+    import shutil
+
+    ad = shutil.copytree(zoo["adapters"][1], tmp_path / "empty")
+    (ad / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match=r"empty .*has adapter_config.json but no adapter_model.safetensors"):
+        merge_one(zoo, ad, tmp_path)
+    assert not (tmp_path / "out").exists()
+    assert load_file(zoo["adapters"][1] / "adapter_model.safetensors")  # the fixture's copy is untouched
