@@ -221,3 +221,38 @@ def test_adapter_without_weights_is_named(zoo, tmp_path):
         merge_one(zoo, ad, tmp_path)
     assert not (tmp_path / "out").exists()
     assert load_file(zoo["adapters"][1] / "adapter_model.safetensors")  # the fixture's copy is untouched
+
+
+def test_fan_in_fan_out_and_lora_bias_read_as_merge_and_unload(tmp_path):
+    """GPT-2 stores its projections transposed (Conv1D: peft's fan_in_fan_out) and has biases (lora_bias).
+    slta does not merge GPT-2, but the adapter reader is architecture-free, so it is checked here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=32)).eval()
+    base.save_pretrained(tmp_path / "gpt2")
+    cfg = LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_bias=True)
+    ad = make_adapter(tmp_path / "gpt2", tmp_path / "gpt2-lora", 1, cfg)
+    ref = Checkpoint(tmp_path / "gpt2-lora-full")
+    ck = AdapterCheckpoint(ad, "gpt2-lora", Checkpoint(tmp_path / "gpt2"), "gpt2")
+    want = ref.get_many(ref.names())
+    got = ck.get_many([n for n in want if n in ck])
+    assert "transformer.h.0.attn.c_attn.bias" in ck.bias and ck.shapes["transformer.h.0.attn.c_attn.weight"] == (16, 48)
+    for n, t in got.items():
+        torch.testing.assert_close(t, want[n], atol=1e-6, rtol=0, msg=lambda m: f"{n}: {m}")
+    n = "transformer.h.1.mlp.c_fc.weight"  # rows of a transposed weight are columns of lora_A
+    torch.testing.assert_close(ck.get_rows(n, 3, 11), want[n][3:11], atol=1e-6, rtol=0)
+
+
+def test_solve_from_statistics_of_adapters(zoo, tmp_path):
+    """`slta solve` reopens the adapters named in the saved statistics."""
+    from slta.merge import run_solve
+
+    outs = []
+    for kind in ("adapters", "full"):
+        cfg = write_config(tmp_path / f"{kind}.yml", zoo["base"], zoo[kind], zoo["data"], "slta", num_samples=3,
+                           granularity="layer")
+        run_merge(cfg, tmp_path / kind, progress=False)
+        outs.append(merged(run_solve(tmp_path / kind, tmp_path / f"{kind}-02", models=[0, 2], progress=False)))
+    for name, t in outs[1].items():
+        torch.testing.assert_close(outs[0][name], t, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
