@@ -256,3 +256,20 @@ def test_solve_from_statistics_of_adapters(zoo, tmp_path):
         outs.append(merged(run_solve(tmp_path / kind, tmp_path / f"{kind}-02", models=[0, 2], progress=False)))
     for name, t in outs[1].items():
         torch.testing.assert_close(outs[0][name], t, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_pickle_adapter_reads_as_its_safetensors_twin(zoo, tmp_path):
+    """Older peft saves adapter_model.bin; it is read with weights_only=True and gives the same tensors."""
+    import shutil
+
+    src = zoo["adapters"][2]  # DoRA + patterns + trainable tokens
+    ad = shutil.copytree(src, tmp_path / "bin")
+    (ad / "adapter_model.safetensors").unlink()
+    torch.save(load_file(src / "adapter_model.safetensors"), ad / "adapter_model.bin")
+    base = Checkpoint(zoo["base"])
+    a, b = AdapterCheckpoint(ad, "bin", base, "base"), AdapterCheckpoint(src, "st", base, "base")
+    assert a.weights.name == "adapter_model.bin" and a.lora.keys() == b.lora.keys() and a.tokens
+    names = base.names()
+    for n, t in b.get_many(names).items():
+        assert torch.equal(a.get(n), t), n
+    assert torch.equal(a.get_rows("model.embed_tokens.weight", 2, 9), b.get_rows("model.embed_tokens.weight", 2, 9))
