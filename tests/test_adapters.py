@@ -9,6 +9,7 @@ that every delta is non-zero (peft initialises B to zero).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,16 @@ import pytest
 import torch
 import yaml
 
-peft = pytest.importorskip("peft")
-from peft import IA3Config, LoraConfig, get_peft_model  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from peft import IA3Config, LoraConfig, get_peft_model  # a test dependency: missing peft fails, never skips
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from slta.adapter import AdapterCheckpoint, AdapterError  # noqa: E402
-from slta.checkpoint import Checkpoint  # noqa: E402
-from slta.config import ConfigError  # noqa: E402
-from slta.linearity import analyze  # noqa: E402
-from slta.merge import run_merge  # noqa: E402
-from tiny import make_data, make_family, save_model, write_config  # noqa: E402
+from slta.adapter import AdapterCheckpoint, AdapterError
+from slta.checkpoint import Checkpoint
+from slta.config import ConfigError
+from slta.linearity import analyze
+from slta.merge import run_merge
+from tiny import make_data, make_family, save_model, write_config
 
 torch.set_num_threads(1)
 
@@ -177,10 +177,8 @@ def test_hub_id_of_another_model_is_refused(zoo, tmp_path):
     cache.parent.mkdir(parents=True)
     cache.symlink_to(zoo["base"], target_is_directory=True)
     ad = tmp_path / "lora"
-    import shutil
-
     shutil.copytree(zoo["adapters"][0], ad)
-    edit_config(ad, base_model_name_or_path="org/tiny-base")
+    edit_config(ad, base_model_name_or_path="Org/Tiny-Base")
     merge_one(zoo, ad, tmp_path / "ok", base=cache)  # the same hub id (any case) is accepted
     edit_config(ad, base_model_name_or_path="org/tiny-base-instruct")
     with pytest.raises(AdapterError, match=r"'org/tiny-base-instruct' is not base_model .*\(org/tiny-base\)"):
@@ -197,8 +195,6 @@ def test_ia3_adapter_is_not_supported(zoo, tmp_path):
 
 
 def test_pissa_adapter_without_conversion_is_refused(zoo, tmp_path):
-    import shutil
-
     ad = shutil.copytree(zoo["adapters"][0], tmp_path / "pissa")
     edit_config(ad, init_lora_weights="pissa_niter_4")
     with pytest.raises(AdapterError, match="path_initial_model_for_weight_conversion"):
@@ -213,8 +209,6 @@ def test_adapters_need_base_model(zoo, tmp_path):
 
 
 def test_adapter_without_weights_is_named(zoo, tmp_path):
-    import shutil
-
     ad = shutil.copytree(zoo["adapters"][1], tmp_path / "empty")
     (ad / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match=r"empty .*has adapter_config.json but no adapter_model.safetensors"):
@@ -260,8 +254,6 @@ def test_solve_from_statistics_of_adapters(zoo, tmp_path):
 
 def test_pickle_adapter_reads_as_its_safetensors_twin(zoo, tmp_path):
     """Older peft saves adapter_model.bin; it is read with weights_only=True and gives the same tensors."""
-    import shutil
-
     src = zoo["adapters"][2]  # DoRA + patterns + trainable tokens
     ad = shutil.copytree(src, tmp_path / "bin")
     (ad / "adapter_model.safetensors").unlink()
