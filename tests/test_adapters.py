@@ -40,10 +40,10 @@ ADAPTERS = {  # three kinds of LoRA a user brings
 }
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int, peft_config) -> Path:
+def make_adapter(base_dir: Path, out: Path, seed: int, peft_config, dtype: torch.dtype = torch.float32) -> Path:
     """Save a peft adapter with random non-zero factors to `out`, and its merge_and_unload() to `out`-full."""
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), peft_config)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), peft_config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -265,3 +265,16 @@ def test_pickle_adapter_reads_as_its_safetensors_twin(zoo, tmp_path):
     for n, t in b.get_many(names).items():
         assert torch.equal(a.get(n), t), n
     assert torch.equal(a.get_rows("model.embed_tokens.weight", 2, 9), b.get_rows("model.embed_tokens.weight", 2, 9))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_bfloat16_base_reads_bit_identical_to_merge_and_unload(zoo, tmp_path, dora):
+    """peft keeps the factors in float32 and rounds W + ΔW once to the base's dtype; so does slta."""
+    save_model(AutoModelForCausalLM.from_pretrained(zoo["base"], dtype=torch.bfloat16), tmp_path / "base16")
+    ad = make_adapter(tmp_path / "base16", tmp_path / "lora16", 3,
+                      LoraConfig(r=4, target_modules=["q_proj", "down_proj", "lm_head"], use_dora=dora), torch.bfloat16)
+    ck, ref = AdapterCheckpoint(ad, "lora16", Checkpoint(tmp_path / "base16"), "base16"), Checkpoint(tmp_path / "lora16-full")
+    assert ref.dtypes["lm_head.weight"] == torch.bfloat16
+    for n in ref.names():
+        assert torch.equal(ck.get(n), ref.get(n)), n
+    assert torch.equal(ck.get_rows("lm_head.weight", 7, 30), ref.get_rows("lm_head.weight", 7, 30))
