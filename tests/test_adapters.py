@@ -278,3 +278,8 @@ def test_bfloat16_base_reads_bit_identical_to_merge_and_unload(zoo, tmp_path, do
     for n in ref.names():
         assert torch.equal(ck.get(n), ref.get(n)), n
     assert torch.equal(ck.get_rows("lm_head.weight", 7, 30), ref.get_rows("lm_head.weight", 7, 30))
+
+
+def test_adapters_and_full_fine_tunes_mix(zoo, tmp_path):
+    mixed = {**zoo, "adapters": [zoo["adapters"][0], zoo["full"][1], zoo["adapters"][2]]}
+    assert_same_merge(mixed, "slta", tmp_path, granularity="layer", num_samples=3)
