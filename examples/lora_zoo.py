@@ -67,18 +67,18 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     adapters = {t: train_adapter(zoo, t, splits[t]["train"], args.out / f"lora-{t}", args) for t in tasks.TASKS}
-    print(f"adapters trained in {time.perf_counter() - t0:.0f} s (r={args.rank}, {args.steps} steps max)")
+    print(f"adapters ready in {time.perf_counter() - t0:.0f} s (r={args.rank}, {args.steps} steps max; reused when saved)")
 
     budget = generation_budget(zoo)
     rows: dict[str, dict[str, float]] = {"base": scores(zoo / "base", zoo, budget)}
     for t in tasks.TASKS:  # each adapter alone, applied by slta (a one-model task arithmetic with weight 1)
-        rows[f"LoRA {t} alone"] = merge_and_score(zoo, [adapters[t]], "task_arithmetic", {}, args.out, budget)
+        rows[f"LoRA {t} alone"] = merge_and_score(zoo, {t: adapters[t]}, "task_arithmetic", {}, args.out, budget)
     for t in tasks.TASKS:
         rows[f"full fine-tune {t}"] = scores(zoo / t, zoo, budget)
     for method, params in (("task_arithmetic", {"lambda": 1.0}), ("task_arithmetic", {"lambda": 0.6}),
                            ("slta", {"granularity": "layer"}), ("slta", {"granularity": "attn_mlp"})):
         label = f"{method} " + ", ".join(f"{k}={v}" for k, v in params.items())
-        rows[label] = merge_and_score(zoo, list(adapters.values()), method, params, args.out, budget)
+        rows[label] = merge_and_score(zoo, adapters, method, params, args.out, budget)
     names = list(tasks.TASKS)
     print(f"\nexact match (%) on the test splits, zoo size {args.size}\n")
     print("| model | " + " | ".join(names) + " | mean |\n|---|" + "---|" * (len(names) + 1))
@@ -87,11 +87,11 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {sum(vals) / len(vals):.1f} |")
 
 
-def merge_and_score(zoo: Path, adapters: list[Path], method: str, params: dict, out: Path,
+def merge_and_score(zoo: Path, adapters: dict[str, Path], method: str, params: dict, out: Path,
                     budget: dict[str, int]) -> dict[str, float]:
     cfg = {"merge_method": method, "base_model": str(zoo / "base"), "parameters": params, "dtype": "float32",
-           "models": [{"model": str(a), **({"data": str(zoo / "data" / a.name[5:] / "calib.jsonl")}
-                                           if method == "slta" else {})} for a in adapters]}
+           "models": [{"model": str(a), **({"data": str(zoo / "data" / t / "calib.jsonl")} if method == "slta" else {})}
+                      for t, a in adapters.items()]}
     folder = out / "merged"
     run_merge(cfg, folder, overwrite=True, progress=False)
     try:
