@@ -136,6 +136,13 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'models' is empty; list at least one fine-tuned model")
     if m.needs_base and not cfg.base_model:
         raise ConfigError(f"{where}: merge_method {m.name!r} needs base_model")
+    if not cfg.base_model:  # an adapter is a delta: it needs the model it applies to
+        from slta.adapter import is_adapter
+
+        for i, e in enumerate(cfg.models):
+            if is_adapter(cfg.path(e.model)):
+                raise ConfigError(f"{where}: models[{i}] ({e.model}) is a PEFT adapter: set base_model to the "
+                                  f"model it was trained on")
     if m.tensor_fn is not None:  # data-free: mergekit's parameter rules (scalars, gradients, filters)
         from slta.methods.params import validate_params
 

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import slta
+from slta.adapter import AdapterCheckpoint, is_adapter
 from slta.architecture import (Plan, build_plan, config_differences, layer_prefix, load_config,
                                read_config_json)
 from slta.calibration import load_task
@@ -101,6 +102,9 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     tuned = []
     for entry in cfg.models:
         label = f"model {entry.model}"
+        if is_adapter(cfg.path(entry.model)):  # a PEFT LoRA folder: read as base + its delta, base's config
+            tuned.append(AdapterCheckpoint(cfg.path(entry.model), label, base, base_label, cfg.base_model))
+            continue
         c = load_config(cfg.path(entry.model), label, trust_remote_code=cfg.trust_remote_code)
         diff = config_differences(hf, c)
         if diff:
