@@ -160,7 +160,7 @@ def _reject_unsupported(raw: dict, where: str) -> None:
     for key, why in UNSUPPORTED_KEYS.items():
         if key in raw:
             raise ConfigError(f"{where}: {key}: {why}")
-    for i, m in enumerate(raw.get("models") or []):
+    for i, m in enumerate(raw["models"] if isinstance(raw.get("models"), list) else []):
         for key, why in UNSUPPORTED_MODEL_KEYS.items():
             if isinstance(m, dict) and key in m:
                 raise ConfigError(f"{where}: models[{i}]: {why}")
