@@ -28,14 +28,14 @@ MODEL_KEYS = ("model", "data", "parameters")
 # mergekit keys and methods slta does not run: each gets one "not supported" line saying what slta offers,
 # never an "unknown key" guess or a silently different merge.
 _WHOLE_MODELS = "slta merges whole models of one architecture: list them under 'models:' with a base_model"
-_MOE = ("mixture-of-experts configs (mergekit-moe) are not supported; slta merges fine-tunes of one base "
+_MOE = ("mixture-of-experts configs (mergekit-moe) are not implemented; slta merges fine-tunes of one base "
         "into one dense model: use 'merge_method' with 'base_model' and 'models:'")
-UNSUPPORTED_KEYS = {
-    "slices": f"'slices' (layer ranges, frankenmerges) is not supported; {_WHOLE_MODELS}",
-    "modules": f"'modules' (per-module slices) is not supported; {_WHOLE_MODELS}",
+UNSUPPORTED_KEYS = {  # key -> why, and what slta offers
+    "slices": f"layer ranges (frankenmerges) are not implemented; {_WHOLE_MODELS}",
+    "modules": f"per-module slices are not implemented; {_WHOLE_MODELS}",
     "experts": _MOE, "gate_mode": _MOE, "experts_per_token": _MOE, "shared_experts": _MOE,
 }
-UNSUPPORTED_MODEL_KEYS = {"layer_range": f"'layer_range' is not supported; {_WHOLE_MODELS}"}
+UNSUPPORTED_MODEL_KEYS = {"layer_range": f"layer ranges are not implemented; {_WHOLE_MODELS}"}
 _OFFERS = "task_arithmetic, linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, consensus_ta, regmean, slta"
 UNSUPPORTED_METHODS = {
     "slerp": "spherical interpolation is not implemented; for two models use linear (weight average), "
@@ -159,11 +159,11 @@ def _reject_unsupported(raw: dict, where: str) -> None:
                           f"{UNSUPPORTED_METHODS[method]} (slta offers: {_OFFERS})")
     for key, why in UNSUPPORTED_KEYS.items():
         if key in raw:
-            raise ConfigError(f"{where}: {key}: {why}")
+            raise ConfigError(f"{where}: '{key}' is not supported: {why}")
     for i, m in enumerate(raw["models"] if isinstance(raw.get("models"), list) else []):
         for key, why in UNSUPPORTED_MODEL_KEYS.items():
             if isinstance(m, dict) and key in m:
-                raise ConfigError(f"{where}: models[{i}]: {why}")
+                raise ConfigError(f"{where}: models[{i}]: '{key}' is not supported: {why}")
     base_only = "slta writes the base model's tokenizer"
     src = raw.get("tokenizer_source")
     if src not in (None, "base"):
