@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("slta")
@@ -33,9 +33,11 @@ class TaskSamples:
     ids: list[list[int]]  # token ids per sample
     indices: list[int]  # line indices (0-based, among non-blank lines) of the chosen samples
     truncated: int
+    warnings: list[str] = field(default_factory=list)  # also logged; the merge copies them into its report
 
 
 def sample_text(row: object, tokenizer, where: str) -> str:
+    """The full text of one sample (see :func:`is_templated` for how to tokenize it)."""
     if not isinstance(row, dict):
         raise CalibrationError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "text" in row:
@@ -51,6 +53,9 @@ def sample_text(row: object, tokenizer, where: str) -> str:
                                    "use {\"text\": ...} or {\"prompt\": ..., \"response\": ...}")
     elif "prompt" in row and any(k in row for k in RESPONSE_KEYS):
         key = next(k for k in RESPONSE_KEYS if k in row)
+        for k in ("prompt", key):  # f-string joining would turn {"prompt": 1, "response": 2} into "12"
+            if not isinstance(row[k], str):
+                raise CalibrationError(f"{where}: '{k}' must be a string, got {type(row[k]).__name__} {row[k]!r}")
         text = f"{row['prompt']}{row[key]}"
     else:
         raise CalibrationError(f"{where}: a sample needs 'text', 'prompt'+'response', or 'messages' "
@@ -60,15 +65,28 @@ def sample_text(row: object, tokenizer, where: str) -> str:
     return text
 
 
+def is_templated(row: object) -> bool:
+    """A `messages` sample is rendered by the chat template, which writes its own special tokens (BOS):
+    like transformers' apply_chat_template(tokenize=True), it is tokenized without adding them again."""
+    return isinstance(row, dict) and "text" not in row and "messages" in row
+
+
 def read_jsonl(path: str | Path, label: str = "") -> list[tuple[int, object]]:
     """(line number, parsed object) for every non-blank line; clear errors otherwise."""
     path = Path(path)
     who = f"{label}: " if label else ""
     if not path.exists():
         raise CalibrationError(f"{who}calibration file {path} does not exist")
+    if path.is_dir():
+        raise CalibrationError(f"{who}calibration data {path} is a folder; it must be a JSONL file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so a bad line is reported with its number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise CalibrationError(f"{who}{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at "
+                                       f"column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -85,18 +103,23 @@ def load_task(path: str | Path, tokenizer, num_samples: int, seed: int, max_leng
     rows = read_jsonl(path, label)
     who = f"{label}: " if label else ""
     n = len(rows)
+    warnings = []
+    if num_samples > n:
+        warnings.append(f"{who}{path}: num_samples={num_samples} but the file has only {n} samples; using {n}")
+        log.warning("%s", warnings[-1])
     chosen = sorted(random.Random(seed).sample(range(n), num_samples)) if num_samples < n else list(range(n))
     ids, truncated = [], 0
     for i in chosen:
         lineno, row = rows[i]
         text = sample_text(row, tokenizer, f"{who}{path}:{lineno}")
-        toks = tokenizer(text, add_special_tokens=True)["input_ids"]
+        toks = tokenizer(text, add_special_tokens=not is_templated(row))["input_ids"]
         if len(toks) > max_length:
             toks, truncated = toks[:max_length], truncated + 1
         if not toks:
             raise CalibrationError(f"{who}{path}:{lineno}: sample tokenizes to nothing")
         ids.append(list(toks))
     if truncated:
-        log.warning("%s%s: %d of %d samples were longer than max_length=%d tokens and were cut",
-                    who, path, truncated, len(chosen), max_length)
-    return TaskSamples(Path(path), ids, chosen, truncated)
+        warnings.append(f"{who}{path}: {truncated} of {len(chosen)} samples were longer than "
+                        f"max_length={max_length} tokens and were cut")
+        log.warning("%s", warnings[-1])
+    return TaskSamples(Path(path), ids, chosen, truncated, warnings)

@@ -240,14 +240,23 @@ def _not_finite_message(name: str, source: torch.Tensor, dtype: torch.dtype) -> 
 
 def parse_size(size: str | int) -> int:
     """'5GB', '500MB', '2GiB' or an int of bytes -> bytes (Hugging Face's convention: GB = 1e9)."""
-    if isinstance(size, int):
+    bad = ValueError(f"shard size {size!r}: expected a positive number of bytes or a size such as 5GB, "
+                     f"500MB, 2GiB (units B, KB, MB, GB, KiB, MiB, GiB)")
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise bad
         return size
-    s = size.strip().upper()
+    s = str(size).strip().upper()
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    mult = next((m for unit, m in units.items() if s.endswith(unit)), 1)
+    number = next((s[: -len(unit)] for unit in units if s.endswith(unit)), s).strip()
+    try:
+        n = int(float(number) * mult)
+    except (ValueError, OverflowError):
+        raise bad from None
+    if n < 1:
+        raise bad
+    return n
 
 
 class ShardedWriter:

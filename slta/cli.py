@@ -14,7 +14,12 @@ from slta import __version__
 def _merge(a: argparse.Namespace) -> None:
     from slta.merge import run_merge
 
-    out = run_merge(a.config, a.output, overwrite=a.overwrite, device=a.device, shard_size=a.shard_size,
+    # mergekit's form `mergekit-yaml CONFIG OUT` works too; -o OUT is slta's
+    if a.out is not None and a.output is not None and a.out != a.output:
+        raise ValueError(f"two output folders given: {a.out} (positional) and -o {a.output}; give one")
+    if a.out is None and a.output is None:
+        raise ValueError("no output folder: slta merge CONFIG -o OUT (or slta merge CONFIG OUT)")
+    out = run_merge(a.config, a.output or a.out, overwrite=a.overwrite, device=a.device, shard_size=a.shard_size,
                     progress=not a.quiet, save_stats=not a.no_stats, resume=a.resume)
     print(f"merged model written to {out}")
 
@@ -22,8 +27,7 @@ def _merge(a: argparse.Namespace) -> None:
 def _solve(a: argparse.Namespace) -> None:
     from slta.merge import run_solve
 
-    models = [int(x) for x in a.models.split(",")] if a.models else None
-    out = run_solve(a.stats, a.output, models=models, balance=a.balance, overwrite=a.overwrite,
+    out = run_solve(a.stats, a.output, models=a.models, balance=a.balance, overwrite=a.overwrite,
                     shard_size=a.shard_size, dtype=a.dtype, progress=not a.quiet)
     print(f"merged model written to {out}")
 
@@ -43,6 +47,42 @@ def _zoo(a: argparse.Namespace) -> None:
     print(f"zoo ready in {out} ({time.perf_counter() - t0:.0f}s)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _shard_size(text: str) -> str:
+    from slta.checkpoint import parse_size
+
+    try:
+        parse_size(text)  # checked now, before any work; passed on as written
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _device(text: str) -> str:
+    from slta.config import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _model_indices(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated model indices such as 0,2, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slta", description="Submodule-linearity task arithmetic: merge LLMs "
                                 "fine-tuned from one base, with closed-form per-submodule weights.")
@@ -52,10 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="run the merge a YAML config describes; write a Hugging Face folder")
     m.add_argument("config", help="merge config (YAML, mergekit-compatible keys)")
-    m.add_argument("-o", "--output", required=True, help="output model folder")
+    m.add_argument("out", nargs="?", help="output model folder (mergekit's form; or -o OUT)")
+    m.add_argument("-o", "--output", help="output model folder")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
-    m.add_argument("--shard-size", default="5GB", help="maximum safetensors shard size (default: 5GB)")
+    m.add_argument("--device", default="cpu", type=_device, help="cpu | cuda | cuda:N | auto | mps (default: cpu)")
+    m.add_argument("--shard-size", default="5GB", type=_shard_size,
+                   help="maximum safetensors shard size (default: 5GB)")
     m.add_argument("--no-stats", action="store_true", help="do not save slta_stats.safetensors")
     m.add_argument("--resume", action="store_true",
                    help="work in OUT.partial and keep it if interrupted; rerun with --resume to continue "
@@ -66,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("solve", help="re-solve a closed-form merge from saved statistics (no forward pass)")
     s.add_argument("stats", help="slta_stats.safetensors (or the merged folder holding it)")
     s.add_argument("-o", "--output", required=True, help="output model folder")
-    s.add_argument("--models", help="comma-separated indices of the models to merge, e.g. 0,2 (default: all)")
+    s.add_argument("--models", type=_model_indices, help="comma-separated indices of the models to merge, e.g. 0,2 (default: all)")
     s.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
                    help="balanced (Eq. 33-34) or plain (Eq. 12-14) objective (default: as merged)")
     s.add_argument("--dtype", help="output dtype (default: as merged)")
     s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--shard-size", default="5GB")
+    s.add_argument("--shard-size", default="5GB", type=_shard_size)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_solve)
 
@@ -81,10 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL files, or folders holding TASK/SPLIT.jsonl (e.g. zoo/default/data)")
     e.add_argument("--split", default="test", help="split file name used inside task folders (default: test)")
     e.add_argument("--out", help="write scores and predictions as JSON here")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--max-new-tokens", type=int, default=64)
-    e.add_argument("--limit", type=int, help="first N examples per task")
+    e.add_argument("--device", default="cpu", type=_device)
+    e.add_argument("--batch-size", type=_positive_int, default=32)
+    e.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    e.add_argument("--limit", type=_positive_int, help="first N examples per task")
     e.add_argument("-q", "--quiet", action="store_true")
     e.set_defaults(func=_eval)
 

@@ -8,6 +8,8 @@ did-you-mean suggestion.
 
 from __future__ import annotations
 
+import logging
+import re
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,40 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from slta import methods
 
+log = logging.getLogger("slta")
+
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "trust_remote_code", "name")
+            "tokenizer", "chat_template", "trust_remote_code", "name")
 MODEL_KEYS = ("model", "data", "parameters")
+
+# mergekit keys and methods slta does not run: each gets one "not supported" line saying what slta offers,
+# never an "unknown key" guess or a silently different merge.
+_WHOLE_MODELS = "slta merges whole models of one architecture: list them under 'models:' with a base_model"
+_MOE = ("mixture-of-experts configs (mergekit-moe) are not implemented; slta merges fine-tunes of one base "
+        "into one dense model: use 'merge_method' with 'base_model' and 'models:'")
+UNSUPPORTED_KEYS = {  # key -> why, and what slta offers
+    "slices": f"layer ranges (frankenmerges) are not implemented; {_WHOLE_MODELS}",
+    "modules": f"per-module slices are not implemented; {_WHOLE_MODELS}",
+    "experts": _MOE, "gate_mode": _MOE, "experts_per_token": _MOE, "shared_experts": _MOE,
+}
+UNSUPPORTED_MODEL_KEYS = {"layer_range": f"layer ranges are not implemented; {_WHOLE_MODELS}"}
+_OFFERS = "task_arithmetic, linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, consensus_ta, regmean, slta"
+UNSUPPORTED_METHODS = {
+    "slerp": "spherical interpolation is not implemented; for two models use linear (weight average), "
+             "task_arithmetic or slta",
+    "nuslerp": "spherical interpolation is not implemented; use linear, task_arithmetic or slta",
+    "multislerp": "spherical interpolation is not implemented; use linear, task_arithmetic or slta",
+    "karcher": "the Karcher mean is not implemented; use linear (weight average)",
+    "della": "DELLA's magnitude-based drop is not implemented; use ties or dare_ties",
+    "della_linear": "DELLA's magnitude-based drop is not implemented; use dare_linear or breadcrumbs",
+    "model_stock": "Model Stock is not implemented; use task_arithmetic or slta (per-module closed-form weights)",
+    "passthrough": "slta does not copy or stack layers (frankenmerges); it merges fine-tunes of one base",
+    "sce": "SCE is not implemented; use ties or slta",
+    "ram": "RAM is not implemented; use task_arithmetic or slta",
+    "ramplus_tl": "RAM+ is not implemented; use task_arithmetic or slta",
+    "nearswap": "nearswap is not implemented; use linear or task_arithmetic",
+    "arcee_fusion": "Arcee Fusion is not implemented; use ties or slta",
+}
 # Parameters every method accepts.
 COMMON_PARAMS = {"seed": 0}
 
@@ -51,6 +84,8 @@ class MergeConfig(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: dict[str, Any] | None = None  # mergekit's; only {source: base} (checked at load)
+    chat_template: str | None = None  # mergekit's; only null (checked at load)
     trust_remote_code: bool = False
     name: str | None = None
 
@@ -101,6 +136,7 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
         raw = source
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the config must be a mapping of keys (merge_method, base_model, models, ...)")
+    _reject_unsupported(raw, where)
     _unknown(list(raw), TOP_KEYS, where)
     models = raw.get("models")
     for i, m in enumerate(models if isinstance(models, list) else []):  # other types: pydantic's error below
@@ -116,22 +152,71 @@ def load_config(source: str | Path | dict | MergeConfig) -> MergeConfig:
     return cfg
 
 
+def _reject_unsupported(raw: dict, where: str) -> None:
+    """mergekit configs slta cannot run: one clear line before any other check."""
+    method = raw.get("merge_method")
+    if isinstance(method, str) and method in UNSUPPORTED_METHODS:
+        raise ConfigError(f"{where}: merge_method {method!r} (a mergekit method) is not supported: "
+                          f"{UNSUPPORTED_METHODS[method]} (slta offers: {_OFFERS})")
+    for key, why in UNSUPPORTED_KEYS.items():
+        if key in raw:
+            raise ConfigError(f"{where}: '{key}' is not supported: {why}")
+    for i, m in enumerate(raw["models"] if isinstance(raw.get("models"), list) else []):
+        for key, why in UNSUPPORTED_MODEL_KEYS.items():
+            if isinstance(m, dict) and key in m:
+                raise ConfigError(f"{where}: models[{i}]: '{key}' is not supported: {why}")
+    base_only = "slta writes the base model's tokenizer"
+    src = raw.get("tokenizer_source")
+    if src not in (None, "base"):
+        raise ConfigError(f"{where}: tokenizer_source: {src!r} is not supported; {base_only} "
+                          f"(tokenizer_source: base, or leave it out)")
+    tok = raw.get("tokenizer")
+    if tok is not None:
+        if not isinstance(tok, dict):
+            raise ConfigError(f"{where}: tokenizer: {tok!r} is not supported; {base_only} (tokenizer: {{source: base}})")
+        if tok.get("source", "base") != "base":
+            raise ConfigError(f"{where}: tokenizer.source: {tok['source']!r} is not supported; {base_only} "
+                              f"(tokenizer: {{source: base}}, or leave it out)")
+        for k, v in tok.items():  # mergekit's tokens / pad_to_multiple_of edit the vocabulary: slta does not
+            if k != "source" and v not in (None, {}, []):
+                raise ConfigError(f"{where}: tokenizer.{k} is not supported; {base_only} unchanged "
+                                  f"(tokenizer: {{source: base}})")
+    if raw.get("chat_template") is not None:
+        raise ConfigError(f"{where}: chat_template: {raw['chat_template']!r} is not supported; slta copies the base "
+                          f"model's tokenizer files, chat template included (chat_template: null, or leave it out)")
+
+
 def _drop_base_from_models(cfg: MergeConfig) -> None:
-    """mergekit configs often list the base model among `models` with no parameters; mergekit
-    drops that entry, and so do we (otherwise `linear` would average the base in)."""
+    """mergekit configs often list the base model among `models`. mergekit never counts it as a task
+    vector: the task-arithmetic family (ties, dare, breadcrumbs) ignores its weight and density, so we
+    drop it (a zero task vector would still count in `normalize`'s divisor). `linear` averages the base
+    in, as mergekit does, when it has a weight: its own, or the top-level one; otherwise (mergekit's
+    "missing weight" error) it is left out. slta/regmean keep a base entry that has calibration data."""
     if not cfg.base_model:
         return
     base = cfg.path(cfg.base_model).resolve()
-    cfg.models = [e for e in cfg.models
-                  if not (cfg.path(e.model).resolve() == base and not e.parameters and not e.data)]
+    m = cfg.method()
+    if m.tensor_fn is not None and not m.needs_base:  # linear / weight_average
+        if "weight" in cfg.parameters:
+            if not any(cfg.path(e.model).resolve() == base for e in cfg.models):
+                log.warning("%s: base_model %s is averaged in with the top-level weight, as mergekit does; "
+                            "remove base_model to average only the fine-tunes", m.name, cfg.base_model)
+                cfg.models = [*cfg.models, ModelEntry(model=cfg.base_model)]
+            return
+        drop = lambda e: not e.parameters  # noqa: E731 - mergekit: "missing required parameter weight"
+    elif m.tensor_fn is not None:
+        drop = lambda e: True  # noqa: E731
+    else:
+        drop = lambda e: not e.parameters and not e.data  # noqa: E731
+    cfg.models = [e for e in cfg.models if not (cfg.path(e.model).resolve() == base and drop(e))]
 
 
 def _validate_method(cfg: MergeConfig, where: str) -> None:
-    _drop_base_from_models(cfg)
     try:
         m = cfg.method()
     except KeyError as e:
         raise ConfigError(f"{where}: {e.args[0]}") from e
+    _drop_base_from_models(cfg)
     if not cfg.models:
         raise ConfigError(f"{where}: 'models' is empty; list at least one fine-tuned model")
     if m.needs_base and not cfg.base_model:
@@ -160,6 +245,9 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
         if m.needs_data and not entry.data:
             raise ConfigError(f"{where}: models[{i}] ({entry.model}): merge_method {m.name!r} needs calibration "
                               f"data: add 'data: path/to/task.jsonl'")
+        if m.needs_data and cfg.path(entry.data).is_dir():
+            raise ConfigError(f"{where}: models[{i}] ({entry.model}): data: {entry.data} is a folder; "
+                              f"it must name a JSONL file (one sample per line)")
     if m.name == "slta":
         from slta.architecture import GRANULARITIES
         g = cfg.param("granularity")
@@ -177,3 +265,13 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{where}: parameters.seed: expected an integer, got {seed!r}")
 
+
+
+_DEVICE_RE = re.compile(r"cpu|cuda|cuda:\d+|auto|mps")
+
+
+def check_device(device: str) -> str:
+    """Validate a --device value up front (torch's own error comes late and lists a dozen backends)."""
+    if not isinstance(device, str) or not _DEVICE_RE.fullmatch(device.strip()):
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda, cuda:N (e.g. cuda:0), auto or mps")
+    return device.strip()

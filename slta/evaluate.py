@@ -15,6 +15,7 @@ Works on any Hugging Face causal LM folder that has a tokenizer, or on a loaded 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -89,7 +90,32 @@ def resolve_task_files(specs: list[str | Path] | str | Path, split: str = "test"
     return files
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def local_model_folder(model: str | Path) -> Path:
+    """The local folder of ``model``, checked before transformers would retry the hub for ~50 s: a
+    folder with config.json, or a hub id (org/name) already in the Hugging Face cache."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {p} has no config.json: not a Hugging Face model folder")
+        return p
+    if p.exists():
+        raise ValueError(f"model {p} is a file; give the Hugging Face model folder that holds it")
+    if _HUB_ID.fullmatch(str(model)):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(model), "config.json")
+        if isinstance(cached, str):
+            return Path(cached).parent
+        raise FileNotFoundError(f"model {model}: no such local folder, and as a Hugging Face hub id it is not in "
+                                f"the local cache; check the path, or download it first (hf download {model})")
+    raise FileNotFoundError(f"model folder {model} does not exist")
+
+
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model_dir = local_model_folder(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return model, tok
@@ -195,6 +221,12 @@ def eval_main(
     progress: bool = True,
 ) -> dict[str, float]:
     """`slta eval MODEL --tasks ...`: prints a table, writes JSON (scores + predictions) to ``out``."""
+    from slta.config import check_device
+
+    device = check_device(device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    local_model_folder(model)  # a mistyped path fails now, not after the task files and a hub retry
     files = resolve_task_files(tasks, split)
     scores, records = evaluate(model, files, batch_size, max_new_tokens, device, limit, progress, return_predictions=True)
     print(format_table({str(model): scores}))

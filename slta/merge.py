@@ -61,6 +61,7 @@ class Inputs:
     tuned: list[Checkpoint]
     hf_config: Any
     out_dtype: torch.dtype
+    warnings: list[str] = field(default_factory=list)  # logged when found; the report's "warnings"
 
     @property
     def all(self) -> list[Checkpoint]:
@@ -68,6 +69,9 @@ class Inputs:
 
 
 def resolve_device(device: str) -> torch.device:
+    from slta.config import check_device
+
+    device = check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -384,10 +388,21 @@ def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
     from transformers import AutoTokenizer
 
     cfg = ins.cfg
+    vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if not any((ins.base.folder / n).exists() for n in vocab_files):
+        raise MergeError(f"{ins.base.label}: no tokenizer in {ins.base.folder} (no {' or '.join(vocab_files[:2])}); "
+                         f"merge_method {cfg.method().name!r} tokenizes the calibration data with the base "
+                         f"model's tokenizer: copy the tokenizer files into that folder")
     try:
         tok = AutoTokenizer.from_pretrained(ins.base.folder, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:  # noqa: BLE001
-        raise MergeError(f"{ins.base.label}: cannot load its tokenizer from {ins.base.folder} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - transformers' messages run over many lines: keep the first
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise MergeError(f"{ins.base.label}: cannot load its tokenizer from {ins.base.folder} ({first})") from e
+    positions = getattr(ins.hf_config, "max_position_embeddings", None)
+    if "max_length" in cfg.parameters and positions and cfg.param("max_length") > positions:
+        ins.warnings.append(f"max_length={cfg.param('max_length')} exceeds the model's max_position_embeddings="
+                            f"{positions}: longer samples run past the positions it was trained on")
+        log.warning("%s", ins.warnings[-1])
     tasks, indices = [], []
     for entry in cfg.models:
         ts = load_task(cfg.path(entry.data), tok, cfg.param("num_samples"), cfg.param("seed"),
@@ -397,6 +412,7 @@ def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
             if bad:
                 raise MergeError(f"model {entry.model}: {entry.data} tokenizes to id {bad[0]} >= vocab_size "
                                  f"{ins.hf_config.vocab_size}: the tokenizer does not match the model")
+        ins.warnings.extend(ts.warnings)
         tasks.append(ts.ids)
         indices.append(ts.indices)
     return tasks, indices
@@ -697,6 +713,7 @@ def finish_folder(tmp: Path, ins: Inputs, cfg: MergeConfig, report: dict[str, An
         },
         "dtype": dtype_name(ins.out_dtype),
         **report,
+        "warnings": [*ins.warnings, *report.get("warnings", [])],
     }
     (tmp / "slta_report.json").write_text(json.dumps(full, indent=2) + "\n")
     from slta.report import mergekit_config, model_card

@@ -142,11 +142,12 @@ def test_ties_matches_definition(normalize, densities):
     close(got, ref_combine(tau_hat, w, True, normalize, 1.3), base)
 
 
-def test_ties_default_density_is_20_percent_and_disjoint_mean():
+def test_ties_default_density_is_mergekits_no_trim_and_disjoint_mean():
     base, tuned = family(shape=(10, 10), seed=2)
-    got = run("ties", base, tuned, [{}, {}, {}])
-    tv = taus(base, tuned)
-    tau_hat = [t * ref_topk_keep(t, 0.2) for t in tv]
+    got = run("ties", base, tuned, [{}, {}, {}])  # mergekit's density 1.0: sign election alone
+    close(got, ref_combine(taus(base, tuned), [1, 1, 1], True, True, 1.0), base)
+    got = run("ties", base, tuned, [{"density": 0.2}] * 3)  # the paper's k = 20%
+    tau_hat = [t * ref_topk_keep(t, 0.2) for t in taus(base, tuned)]
     assert all(int((th != 0).sum()) == 20 for th in tau_hat)
     close(got, ref_combine(tau_hat, [1, 1, 1], True, True, 1.0), base)
 
@@ -217,7 +218,7 @@ def test_dare_p0_ties_equals_ties_without_trim():
 def test_dare_drops_and_rescales_by_one_over_one_minus_p():
     base, tuned = family(T=1, shape=(100, 100), seed=7)
     tau = (tuned[0] - base).double()
-    for density in (0.1, 0.5):  # p = 0.9 (the default) and p = 0.5
+    for density in (0.1, 0.5):  # p = 0.9 (the paper's) and p = 0.5
         delta = run("dare_linear", base, tuned, [{"density": density}]).double() - base.double()
         kept = delta != 0
         assert abs(float(kept.double().mean()) - density) < 0.03
@@ -225,8 +226,8 @@ def test_dare_drops_and_rescales_by_one_over_one_minus_p():
     delta = run("dare_linear", base, tuned, [{"density": 0.5}], {"rescale": False}).double() - base.double()
     kept = delta != 0
     torch.testing.assert_close(delta[kept], tau[kept], rtol=1e-6, atol=1e-7)
-    default = run("dare", base, tuned, [{}]).double() - base.double()  # density 0.1 = p 0.9
-    assert abs(float((default != 0).double().mean()) - 0.1) < 0.02
+    default = run("dare", base, tuned, [{}]).double() - base.double()  # mergekit's density 1.0: no drop
+    torch.testing.assert_close(default, tau, rtol=1e-6, atol=1e-7)
 
 
 def test_dare_is_reproducible_and_seeded():
@@ -281,9 +282,11 @@ def test_breadcrumbs_matches_definition(method, election, dg):
     close(got, ref_combine(tau_hat, w, election, False, 0.8), base)
 
 
-def test_breadcrumbs_defaults_keep_15_percent_below_the_top_0_6_percent():
+def test_breadcrumbs_keep_15_percent_below_the_top_0_6_percent():
     base, tuned = family(T=1, shape=(50, 20), seed=12)
-    delta = (run("breadcrumbs", base, tuned, [{}]) - base).numpy().ravel()
+    default = (run("breadcrumbs", base, tuned, [{}]) - base).numpy().ravel()  # mergekit's density 1: keep all
+    np.testing.assert_allclose(default, taus(base, tuned)[0].ravel(), rtol=1e-6, atol=1e-7)
+    delta = (run("breadcrumbs", base, tuned, [{"density": 0.15, "gamma": 0.006}]) - base).numpy().ravel()
     tau = taus(base, tuned)[0]
     order = np.argsort(-np.abs(tau))  # largest first (no ties in random data)
     expect = np.zeros(1000, bool)
@@ -404,7 +407,7 @@ def test_resolve_tensor_params_precedence():
     per, _ = P.resolve_tensor_params(m, own, top, "model.layers.0.self_attn.q_proj.weight", 0, 2)
     assert per[0]["density"] == 0.3  # no filter matched: the top-level value
     per, shared = P.resolve_tensor_params(m, [{}, {}], {}, "x", None, 2)
-    assert per == [{"weight": 1.0, "density": 0.2}] * 2 and shared["normalize"] is True
+    assert per == [{"weight": 1.0, "density": 1.0}] * 2 and shared["normalize"] is True
     # raw settings (not passed through validate_params) are coerced on resolution too
     per, shared = P.resolve_tensor_params(m, [{"density": "2e-1"}], {"normalize": "false", "seed": 0}, "x", None, 2)
     assert per == [{"weight": 1.0, "density": 0.2}] and shared["normalize"] is False

@@ -72,7 +72,8 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                                                        st.dictionaries(st.text(max_size=8), inner, max_size=3)),
                       max_leaves=8)
 keys = st.sampled_from(["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                        "tokenizer_source", "name", "model", "data", "weight", "granularity", "typo"])
+                        "tokenizer_source", "tokenizer", "chat_template", "slices", "name", "model", "data",
+                        "weight", "granularity", "typo"])
 configs = st.one_of(
     values,
     st.dictionaries(keys, values, max_size=6),

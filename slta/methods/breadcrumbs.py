@@ -8,9 +8,9 @@ arithmetic (``breadcrumbs``) or with TIES's sign election (``breadcrumbs_ties``)
 Parameterised as in mergekit: ``gamma`` is the fraction of the LARGEST magnitudes dropped and ``density``
 the fraction kept, so the smallest 1 - density - gamma are dropped. (The authors' code,
 github.com/rezazzr/breadcrumbs, calls the same two numbers beta = kept and gamma = largest removed, and
-cuts per row where mergekit and slta cut per tensor.) Defaults density 0.15, gamma 0.006: keep 15% just
-below the top 0.6%, the starting point of the authors' hyper-parameter search (find_best_hyperparam.py,
-"middle_keep"); the paper tunes both on validation data.
+cuts per row where mergekit and slta cut per tensor.) Defaults are mergekit's, density 1.0 (keep all)
+and gamma 0.01, so the same YAML gives the same tensors; the authors' hyper-parameter search starts at
+density 0.15, gamma 0.006 (find_best_hyperparam.py, "middle_keep") and tunes both on validation data.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _merge(base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dic
 
     def sparsify(i: int, tau: torch.Tensor):
         p = model_params[i]
-        mask = band_mask(tau, float(p.get("density", 0.15)), float(p.get("gamma", 0.006)))
+        mask = band_mask(tau, float(p.get("density", 1.0)), float(p.get("gamma", 0.01)))
         return mask, (l1_rescale(tau, mask) if rescale else 1.0)
 
     return combine(
@@ -57,7 +57,7 @@ for _name, _fn in (("breadcrumbs", merge), ("breadcrumbs_ties", merge_ties)):
         Method(
             name=_name,
             tensor_fn=_fn,
-            model_params={"weight": 1.0, "density": 0.15, "gamma": 0.006},
+            model_params={"weight": 1.0, "density": 1.0, "gamma": 0.01},
             method_params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False},
             reference=_REFERENCE,
         )

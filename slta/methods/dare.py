@@ -4,8 +4,9 @@ Free Lunch", ICML 2024): Drop And REscale.
 Each entry of each task vector is dropped with probability p and the survivors are multiplied by
 1 / (1 - p), which keeps the task vector's expected value (the paper's Eq. 2-3); the sparse task
 vectors are then merged by task arithmetic (``dare_linear``, alias ``dare``) or by TIES's sign
-election and disjoint merge (``dare_ties``). As in mergekit, p is given as ``density`` = 1 - p;
-the default density 0.1 is the paper's p = 0.9.
+election and disjoint merge (``dare_ties``). As in mergekit, p is given as ``density`` = 1 - p,
+and an omitted density is mergekit's 1.0 (no drop; the same YAML gives the same tensors); the paper's
+p = 0.9 is ``density: 0.1``.
 
 The drop mask of model t for tensor ``name`` comes from a generator seeded with a stable hash of
 (seed, name, t): a merge is byte-for-byte reproducible and does not depend on tensor order.
@@ -28,7 +29,7 @@ def _merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_param
     rescale = bool(params.get("rescale", True))
 
     def sparsify(i: int, tau: torch.Tensor):
-        density = float(model_params[i].get("density", 0.1))
+        density = float(model_params[i].get("density", 1.0))
         mask = random_mask(tau, density, tensor_generator(seed, name, i))
         # 1 / (1 - p): the paper's rescale (Eq. 3); nothing to rescale when nothing was dropped or all was.
         return mask, (1.0 / density if rescale and mask is not None and density > 0 else 1.0)
@@ -57,7 +58,7 @@ register(
     Method(
         name="dare_linear",
         tensor_fn=merge_linear,
-        model_params={"weight": 1.0, "density": 0.1},
+        model_params={"weight": 1.0, "density": 1.0},
         method_params={"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False},
         aliases=("dare",),
         reference=_REFERENCE,
@@ -68,7 +69,7 @@ register(
     Method(
         name="dare_ties",
         tensor_fn=merge_ties,
-        model_params={"weight": 1.0, "density": 0.1},
+        model_params={"weight": 1.0, "density": 1.0},
         method_params={"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False},
         reference=_REFERENCE,
     )

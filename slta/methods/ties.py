@@ -3,8 +3,8 @@
 Per tensor: trim each task vector to its top-``density`` fraction of magnitudes (the paper's k = 20%),
 elect the sign of every entry by the weighted sum of the trimmed vectors, and average (the
 "disjoint mean") only the entries that agree with the elected sign; scale by lambda and add to the base.
-Parameters and their interaction follow mergekit's ``ties`` so the same YAML gives the same result;
-only the default density differs (0.2 from the paper, where mergekit's 1.0 would skip the trim).
+Parameters, their interaction and their defaults follow mergekit's ``ties``, so the same YAML gives the
+same result: an omitted ``density`` is mergekit's 1.0 (no trim); the paper's k = 20% is ``density: 0.2``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params
     rescale = bool(params.get("rescale", False))
 
     def sparsify(i: int, tau: torch.Tensor):
-        mask = topk_mask(tau, float(model_params[i].get("density", 0.2)))
+        mask = topk_mask(tau, float(model_params[i].get("density", 1.0)))
         return mask, (l1_rescale(tau, mask) if rescale else 1.0)
 
     return combine(
@@ -35,7 +35,7 @@ register(
     Method(
         name="ties",
         tensor_fn=merge,
-        model_params={"weight": 1.0, "density": 0.2},
+        model_params={"weight": 1.0, "density": 1.0},
         method_params={"lambda": 1.0, "normalize": True, "rescale": False, "int8_mask": False},
         reference="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 "
                   "(arXiv:2306.01708)",
