@@ -100,6 +100,8 @@ class MergeConfig(BaseModel):
 
     def path(self, p: str) -> Path:
         """Relative paths are relative to the working directory, as in mergekit."""
+        if "\x00" in str(p):  # the OS rejects it later with a bare ValueError (found by hypothesis)
+            raise ConfigError(f"path {p!r}: contains a NUL character")
         try:
             return Path(p).expanduser()
         except RuntimeError as e:  # "~user" for a user this machine does not have

@@ -165,3 +165,15 @@ def test_config_home_of_unknown_user():
     with pytest.raises(ConfigError, match="~nosuchuser_slta"):
         load_config({"merge_method": "task_arithmetic", "base_model": "~nosuchuser_slta/base",
                      "models": [{"model": "~nosuchuser_slta/a"}]})
+
+
+def test_config_path_with_a_nul_character():
+    # Found by the property test: base_model '\x00' escaped as a bare ValueError from Path.resolve.
+    with pytest.raises(ConfigError, match="NUL character"):
+        load_config({"merge_method": "task_arithmetic", "base_model": "\x00", "models": [{"model": "a"}]})
+
+
+def test_models_that_is_not_a_list():
+    # Found by the property test: models: true escaped as TypeError.
+    with pytest.raises(ConfigError, match="models"):
+        load_config({"merge_method": "task_arithmetic", "models": True})
