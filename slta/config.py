@@ -70,6 +70,16 @@ class MergeConfig(BaseModel):
         except RuntimeError as e:  # "~user" for a user this machine does not have
             raise ConfigError(f"path {p!r}: {e}") from None
 
+    def model_path(self, p: str) -> Path:
+        """A model folder: a local path, or a hub id org/name[@revision] fetched into the HF cache."""
+        from slta.hub import HubError, resolve_model_path
+
+        self.path(p)  # the same errors for a bad local path
+        try:
+            return resolve_model_path(p)
+        except HubError as e:
+            raise ConfigError(str(e)) from None
+
 
 def _unknown(keys: list[str], allowed: tuple[str, ...] | list[str], where: str) -> None:
     for k in keys:
@@ -120,9 +130,9 @@ def _drop_base_from_models(cfg: MergeConfig) -> None:
     drops that entry, and so do we (otherwise `linear` would average the base in)."""
     if not cfg.base_model:
         return
-    base = cfg.path(cfg.base_model).resolve()
+    base = cfg.model_path(cfg.base_model).resolve()
     cfg.models = [e for e in cfg.models
-                  if not (cfg.path(e.model).resolve() == base and not e.parameters and not e.data)]
+                  if not (cfg.model_path(e.model).resolve() == base and not e.parameters and not e.data)]
 
 
 def _validate_method(cfg: MergeConfig, where: str) -> None:

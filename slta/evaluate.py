@@ -90,6 +90,10 @@ def resolve_task_files(specs: list[str | Path] | str | Path, split: str = "test"
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A model folder, or a hub id org/name[@revision] (see slta.hub), with its tokenizer."""
+    from slta.hub import resolve_model_path
+
+    model_dir = resolve_model_path(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return model, tok
