@@ -107,6 +107,16 @@ class MergeConfig(BaseModel):
         except RuntimeError as e:  # "~user" for a user this machine does not have
             raise ConfigError(f"path {p!r}: {e}") from None
 
+    def model_path(self, p: str) -> Path:
+        """A model folder: a local path, or a hub id org/name[@revision] fetched into the HF cache."""
+        from slta.hub import HubError, resolve_model_path
+
+        self.path(p)  # the same errors for a bad local path
+        try:
+            return resolve_model_path(p)
+        except HubError as e:
+            raise ConfigError(str(e)) from None
+
 
 def _unknown(keys: list[str], allowed: tuple[str, ...] | list[str], where: str) -> None:
     for k in keys:
@@ -196,11 +206,11 @@ def _drop_base_from_models(cfg: MergeConfig) -> None:
     "missing weight" error) it is left out. slta/regmean keep a base entry that has calibration data."""
     if not cfg.base_model:
         return
-    base = cfg.path(cfg.base_model).resolve()
+    base = cfg.model_path(cfg.base_model).resolve()
     m = cfg.method()
     if m.tensor_fn is not None and not m.needs_base:  # linear / weight_average
         if "weight" in cfg.parameters:
-            if not any(cfg.path(e.model).resolve() == base for e in cfg.models):
+            if not any(cfg.model_path(e.model).resolve() == base for e in cfg.models):
                 log.warning("%s: base_model %s is averaged in with the top-level weight, as mergekit does; "
                             "remove base_model to average only the fine-tunes", m.name, cfg.base_model)
                 cfg.models = [*cfg.models, ModelEntry(model=cfg.base_model)]
@@ -210,7 +220,7 @@ def _drop_base_from_models(cfg: MergeConfig) -> None:
         drop = lambda e: True  # noqa: E731
     else:
         drop = lambda e: not e.parameters and not e.data  # noqa: E731
-    cfg.models = [e for e in cfg.models if not (cfg.path(e.model).resolve() == base and drop(e))]
+    cfg.models = [e for e in cfg.models if not (cfg.model_path(e.model).resolve() == base and drop(e))]
 
 
 def _validate_method(cfg: MergeConfig, where: str) -> None:

@@ -115,7 +115,10 @@ def local_model_folder(model: str | Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model_dir = local_model_folder(model_dir)
+    """A model folder, or a hub id org/name[@revision] (see slta.hub), with its tokenizer."""
+    from slta.hub import resolve_model_path
+
+    model_dir = local_model_folder(resolve_model_path(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     return model, tok

@@ -97,7 +97,7 @@ def output_bytes(ins: Inputs, plan: Plan) -> int:
 
 def open_inputs(cfg: MergeConfig) -> Inputs:
     """Open and cross-check every checkpoint before any heavy work."""
-    base_path = cfg.path(cfg.base_model) if cfg.base_model else cfg.path(cfg.models[0].model)
+    base_path = cfg.model_path(cfg.base_model) if cfg.base_model else cfg.model_path(cfg.models[0].model)
     base_label = f"base_model {cfg.base_model}" if cfg.base_model else f"model {cfg.models[0].model}"
     if cfg.trust_remote_code:
         log.warning("trust_remote_code is on: Python code shipped inside the model folders will run")
@@ -106,14 +106,14 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     tuned = []
     for entry in cfg.models:
         label = f"model {entry.model}"
-        if is_adapter(cfg.path(entry.model)):  # a PEFT LoRA folder: read as base + its delta, base's config
-            tuned.append(AdapterCheckpoint(cfg.path(entry.model), label, base, base_label, cfg.base_model))
+        if is_adapter(cfg.model_path(entry.model)):  # a PEFT LoRA folder: read as base + its delta, base's config
+            tuned.append(AdapterCheckpoint(cfg.model_path(entry.model), label, base, base_label, cfg.base_model))
             continue
-        c = load_config(cfg.path(entry.model), label, trust_remote_code=cfg.trust_remote_code)
+        c = load_config(cfg.model_path(entry.model), label, trust_remote_code=cfg.trust_remote_code)
         diff = config_differences(hf, c)
         if diff:
             raise MergeError(f"{label}: architecture differs from {base_label}: {'; '.join(diff)}")
-        ck = Checkpoint(cfg.path(entry.model), label)
+        ck = Checkpoint(cfg.model_path(entry.model), label)
         missing = [n for n in base.names() if n not in ck and not _tied_copy(hf, n)]
         if missing:
             raise MergeError(f"{label}: tensor {missing[0]} is missing ({ck.folder}) but present in {base_label}"
