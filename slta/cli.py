@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs = z.add_subparsers(dest="zoo_command", required=True)
     zb = zs.add_parser("build", help="build (or reuse) the demo zoo: a base and three full fine-tunes")
     zb.add_argument("dir", help="zoo folder")
-    zb.add_argument("--size", default="default", choices=("tiny", "default"))
+    zb.add_argument("--size", default="default", choices=("tiny", "small", "default"))
     zb.add_argument("--seed", type=int, default=0, help="drives the data, pre-training and fine-tuning")
     zb.add_argument("--kind", default="hard", choices=("hard", "chat"),
                     help="hard: a prompt format per task; chat: one chat template, fixed epochs")

@@ -214,13 +214,15 @@ def zoo_dir(root: Path, kind: str, seed: int) -> Path:
 def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size: str = "default",
              device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
-             methods: list[str] | None = None) -> dict[str, Any]:
+             methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
     zoo/SIZE). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
     per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
+    ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
+    that has them.
 
     ``threads`` sets torch's CPU threads. The default is 1: the zoo's models are so small that
     a second thread gains little, and on a 2-core machine that another process also uses, an
@@ -230,6 +232,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     from transformers.utils import logging as hf_logging
 
     from slta.zoo import build_zoo
+    from slta.zoo.build import recipe_for
 
     kinds = KINDS if zoo_kind == "both" else (zoo_kind,)
     if any(k not in KINDS for k in kinds):
@@ -242,7 +245,11 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     started = time.perf_counter()
     root = Path(zoo or f"zoo/{size}")
     out = Path(out or f"demo_out/{size}")
+    unknown = set(zoo_overrides or {}) - {k for kind in kinds for k in recipe_for(size, 0, kind=kind)["params"]}
+    if unknown:
+        raise ValueError(f"unknown zoo recipe keys: {', '.join(sorted(unknown))}")
     study: dict[str, Any] = {"size": size, "zoo_root": str(root), "zoo_seeds": list(zoo_seeds),
+                             "zoo_overrides": zoo_overrides or {},
                              "methods": sorted(methods) if methods is not None else "all", "kinds": {},
                              "timings_s": {}}
     for kind in kinds:
@@ -251,8 +258,10 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
             t = time.perf_counter()
             path = zoo_dir(root, kind, zs)
             print(f"slta demo ({size}, {kind} kind, zoo seed {zs}): building or reusing the zoo in {path} ...", flush=True)
+            known = set(recipe_for(size, zs, kind=kind)["params"])
             build_zoo(path, size=size, seed=zs, progress=progress, threads=threads, kind=kind,
-                      hard_zoo=zoo_dir(root, "hard", zs))
+                      hard_zoo=zoo_dir(root, "hard", zs),
+                      overrides={k: v for k, v in (zoo_overrides or {}).items() if k in known})
             zoo_s = time.perf_counter() - t
             res = demo_one_zoo(path, out / f"{kind}-seed{zs}", size, device, seeds, progress,
                                set(methods) if methods is not None else None)
@@ -332,7 +341,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build the demo zoo, merge it with slta and every baseline, print the table")
     p.add_argument("--zoo", help="folder holding the zoos, KIND-seedN/ (default: zoo/SIZE)")
     p.add_argument("--out", help="output folder (default: demo_out/SIZE)")
-    p.add_argument("--size", default="default", choices=("tiny", "default"))
+    p.add_argument("--size", default="default", choices=("tiny", "small", "default"))
     p.add_argument("--zoo-seeds", default="0", type=_int_list,
                    help="comma-separated zoo seeds (data, pre-training, fine-tuning); several give mean ± std "
                         "across zoos, e.g. 0,1,2 (default 0)")
@@ -341,12 +350,24 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
                         "weight_average,task_arithmetic to calibrate a zoo on baselines only")
+    p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
+                   help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
-                                           a.zoo_seeds, a.zoo_kind, a.methods))
+                                           a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None))
+
+
+def _override(s: str) -> tuple[str, Any]:
+    key, sep, value = s.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{key}: the value must be JSON (a number, true/false, ...), got {value!r}") from None
 
 
 def _int_list(s: str) -> list[int]:
