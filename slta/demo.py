@@ -81,8 +81,10 @@ def _read_rows(path: Path) -> list[dict]:
 
 class Demo:
     def __init__(self, zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
-                 methods: set[str] | None = None):
+                 methods: set[str] | None = None, triple_only: bool = False):
         self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
+        # the triple only: what a zoo's calibration targets are about, at a quarter of the evaluations
+        self.combos = COMBOS[-1:] if triple_only else COMBOS
         self.methods = methods  # None: every baseline and slta
         self.seeds = list(range(seeds))
         self.cache = out / "cache"
@@ -143,7 +145,7 @@ class Demo:
         for method, grid in baseline_grids(self.size).items():
             if self.methods is not None and method not in self.methods:
                 continue
-            for combo in COMBOS:
+            for combo in self.combos:
                 best, best_params = -1.0, None
                 for params in grid:  # grid search on the validation split (A.3.4)
                     bar.set_postfix_str(f"{method} {'+'.join(combo)} {params}")
@@ -178,10 +180,10 @@ class Demo:
                 folder = self.work / f"slta-{key}"
                 keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
                 cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
-                             for c in COMBOS) and (keep is None or keep.exists())
+                             for c in self.combos) and (keep is None or keep.exists())
                 if not cached:
                     run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
-                for combo in COMBOS:
+                for combo in self.combos:
                     ck = self.key({"config": cfg, "combo": combo})
                     path = self.cache / f"eval-{ck}-test.json"
                     if not path.exists():
@@ -214,7 +216,8 @@ def zoo_dir(root: Path, kind: str, seed: int) -> Path:
 def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size: str = "default",
              device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
-             methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+             methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
+             triple_only: bool = False) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -264,7 +267,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
                       overrides={k: v for k, v in (zoo_overrides or {}).items() if k in known})
             zoo_s = time.perf_counter() - t
             res = demo_one_zoo(path, out / f"{kind}-seed{zs}", size, device, seeds, progress,
-                               set(methods) if methods is not None else None)
+                               set(methods) if methods is not None else None, triple_only)
             res.update(kind=kind, zoo_seed=zs, report=str(out / f"{kind}-seed{zs}" / "report"))
             res["timings_s"]["zoo"] = zoo_s
             per_zoo.append(res)
@@ -282,13 +285,13 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
 
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
-                 methods: set[str] | None) -> dict[str, Any]:
+                 methods: set[str] | None, triple_only: bool = False) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results."""
     started = time.perf_counter()
-    demo = Demo(zoo, out, size, device, seeds, progress, methods)
+    demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only)
     grids = {m: g for m, g in baseline_grids(size).items() if methods is None or m in methods}
     n_slta = len(LEVELS) * len(demo.seeds) if methods is None or "slta" in methods else 0
-    steps = len(TASKS) + 1 + sum(len(g) * len(COMBOS) for g in grids.values()) + n_slta
+    steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
     with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()
@@ -350,6 +353,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
                         "weight_average,task_arithmetic to calibrate a zoo on baselines only")
+    p.add_argument("--triple-only", action="store_true",
+                   help="merge only the three-task combination (the pairs' cells stay empty): zoo calibration")
     p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
                    help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
     p.add_argument("--device", default="cpu")
@@ -357,7 +362,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
-                                           a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None))
+                                           a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
+                                           a.triple_only))
 
 
 def _override(s: str) -> tuple[str, Any]:

@@ -9,6 +9,7 @@ spread, averaged over zoos. Both are population std (numpy's default), like the 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,15 @@ METHOD_NAMES = {"weight_average": "Weight Avg", "task_arithmetic": "Task Arithme
 Cell = tuple[float, float | None, float | None]  # mean, std across zoo seeds, std across calibration seeds
 
 
+NAN = float("nan")  # a combination the study did not merge (``--triple-only``)
+
+
 def _avg(scores: dict[str, float], combo: tuple[str, ...]) -> float:
     return 100 * float(np.mean([scores[t] for t in combo]))
+
+
+def _run(by_combo: dict[str, Any], combo: tuple[str, ...]) -> Any:
+    return by_combo.get("+".join(combo))
 
 
 def zoo_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[float, list[float] | None]]]]:
@@ -35,11 +43,12 @@ def zoo_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[float, list[
         ("Base Model", [(_avg(refs["base"], c), None) for c in COMBOS]),
         ("Fine-tuned Model", [(float(np.mean([100 * refs[t][t] for t in c])), None) for c in COMBOS])]
     for method, by_combo in results["baselines"].items():
-        rows.append((METHOD_NAMES.get(method, method), [(_avg(by_combo["+".join(c)]["test"], c), None) for c in COMBOS]))
+        rows.append((METHOD_NAMES.get(method, method),
+                     [(_avg(_run(by_combo, c)["test"], c) if _run(by_combo, c) else NAN, None) for c in COMBOS]))
     for level, by_combo in results["slta"].items():
         cells = []
         for c in COMBOS:
-            vals = [_avg(r["test"], c) for r in by_combo["+".join(c)]]
+            vals = [_avg(r["test"], c) for r in _run(by_combo, c)] if _run(by_combo, c) else [NAN]
             cells.append((float(np.mean(vals)), vals))
         rows.append((LEVEL_NAMES[level], cells))
     return rows
@@ -75,6 +84,8 @@ def multi_zoo_rows(per_zoo: list[dict[str, Any]]) -> list[tuple[str, list[Cell]]
 
 def format_cell(cell: Cell) -> str:
     mean, zoo_std, calib_std = cell
+    if math.isnan(mean):
+        return "–"
     s = f"{mean:.2f}"
     if zoo_std is not None:
         s += f" ± {zoo_std:.2f}"
@@ -85,7 +96,7 @@ def format_cell(cell: Cell) -> str:
 
 def results_table(rows: list[tuple[str, list[Cell]]], n_zoos: int) -> dict[str, str]:
     merged = [r for r in rows if r[0] not in ("Base Model", "Fine-tuned Model")]
-    best = [max(r[1][j][0] for r in merged) for j in range(len(COMBOS))] if merged else [None] * len(COMBOS)
+    best = [max((r[1][j][0] for r in merged if not math.isnan(r[1][j][0])), default=None) for j in range(len(COMBOS))]
     header = ["Method"] + [" & ".join(t.capitalize() for t in c) for c in COMBOS]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     widths = [max(len(h), 22) for h in header]
@@ -164,7 +175,7 @@ def accuracy_bars(rows: list[tuple[str, list[Cell]]], title: str, path: Path) ->
     width = 0.8 / len(rows)
     x = np.arange(len(COMBOS))
     for k, (name, cells) in enumerate(rows):
-        means = [c[0] for c in cells]
+        means = [0.0 if math.isnan(c[0]) else c[0] for c in cells]
         # the error bar is the zoo spread where there is one, else the calibration spread
         errs = [(c[1] if c[1] is not None else c[2]) or 0 for c in cells]
         ax.bar(x + k * width, means, width, yerr=errs if any(errs) else None, label=name, capsize=2)
