@@ -96,3 +96,16 @@ def test_methods_option_restricts_the_study(tmp_path):
         run_demo(tmp_path / "z", tmp_path / "o", size="tiny", methods=["no_such_method"])
     with pytest.raises(ValueError, match="unknown zoo kind"):
         run_demo(tmp_path / "z", tmp_path / "o", size="tiny", zoo_kind="soft")
+
+
+def test_triple_only_results_leave_the_pairs_empty():
+    """`--triple-only` studies hold the triple alone: the pairs' cells print as "–", not as 0."""
+    full = _fake_results(0.8, 0.4, [0.5, 0.7])
+    triple = "+".join(COMBOS[-1])
+    only = {**full, "baselines": {m: {triple: r[triple]} for m, r in full["baselines"].items()},
+            "slta": {lvl: {triple: r[triple]} for lvl, r in full["slta"].items()}}
+    rows = dict(multi_zoo_rows([only, only]))
+    assert all(math.isnan(c[0]) for c in rows["Task Arithmetic"][:-1])
+    assert rows["Task Arithmetic"][-1] == pytest.approx((40.0, 0.0, None))
+    md = results_table(list(rows.items()), 2)["markdown"]
+    assert "| Task Arithmetic | – | – | – | " in md and "nan" not in md
