@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -223,3 +224,18 @@ def test_chat_zoo_deterministic(chat_zoo, tiny_zoo, tmp_path):
     hard, _ = tiny_zoo
     again = build_zoo(tmp_path / "chat-seed0", size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard)
     assert _files(chat_zoo) == _files(again)
+
+
+def test_chat_rebuild_that_keeps_the_base_reuses_it(chat_zoo, tiny_zoo, tmp_path):
+    """Changing only the fine-tunes' schedule reuses the mid-trained base (same bytes, no
+    mid-training); changing a base knob mid-trains again."""
+    hard, _ = tiny_zoo
+    folder = tmp_path / "chat-seed0"
+    shutil.copytree(chat_zoo, folder)
+    build_zoo(folder, size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard, overrides={"chat_epochs": 1})
+    meta = json.loads((folder / "zoo.json").read_text())
+    assert meta["train_loss"]["base"] == {"reused_from_previous_build": True}
+    assert (folder / "base" / "model.safetensors").read_bytes() == (chat_zoo / "base" / "model.safetensors").read_bytes()
+    build_zoo(folder, size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard,
+              overrides={"chat_epochs": 1, "chat_base_steps": 5})
+    assert "first" in json.loads((folder / "zoo.json").read_text())["train_loss"]["base"]

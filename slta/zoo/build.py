@@ -271,7 +271,8 @@ def build_zoo(
     reuse = out_dir / "base" if kind == "hard" and not force and has_base(out_dir, recipe) else None
     try:
         if kind == "chat":
-            meta = build_chat(tmp, recipe, hard_dir, make_data(hard_recipe_of(recipe)), progress, write_jsonl, save_model)
+            meta = build_chat(tmp, recipe, hard_dir, make_data(hard_recipe_of(recipe)), progress, write_jsonl, save_model,
+                              previous=None if force else out_dir)
             meta["hard_zoo"] = {"path": str(hard_dir), "recipe_hash": recipe_hash(hard_recipe_of(recipe))}
         else:
             meta = _build(tmp, recipe, progress, base_only, reuse)

@@ -20,7 +20,9 @@ The template does not emit ``bos_token``: the zoo tokenizer adds ``<s>`` to ever
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 import random
 import time
 from pathlib import Path
@@ -138,10 +140,31 @@ def midtrain_documents(rng: random.Random, tok: PreTrainedTokenizerFast, docs: l
     return out
 
 
+# What the mid-trained chat base depends on besides the hard recipe (chat_train_examples: the
+# mid-training pool is the train split after the fine-tunes' share).
+BASE_KEYS = ("chat_base_steps", "chat_base_task_frac", "chat_base_template_frac", "chat_base_lr", "chat_system",
+             "chat_train_examples")
+
+
+def same_base(recipe: dict, previous: Path) -> bool:
+    """Whether the chat zoo in ``previous`` (being rebuilt) has the base this recipe would
+    mid-train: a recipe that changes only the fine-tunes reuses it (deterministic, same bytes)."""
+    try:
+        old = json.loads((previous / "zoo.json").read_text())["recipe"]
+    except (OSError, ValueError, KeyError):
+        return False
+    chat_keys = set(CHAT_SIZES[recipe["size"]])
+    strip = lambda r: {k: v for k, v in r["params"].items() if k not in chat_keys or k in BASE_KEYS}  # noqa: E731
+    return (old.get("kind") == "chat" and old["seed"] == recipe["seed"] and old["version"] == recipe["version"]
+            and old["size"] == recipe["size"] and strip(old) == strip(recipe)
+            and (previous / "base" / "model.safetensors").is_file())
+
+
 def build_chat(out: Path, recipe: dict, hard_dir: Path, data: dict, progress: bool,
-               write_jsonl, save_model) -> dict:
+               write_jsonl, save_model, previous: Path | None = None) -> dict:
     """Builds the chat kind into ``out`` from the hard zoo in ``hard_dir`` (same seed) and the
-    zoo's data (``make_data``); returns the metadata for zoo.json."""
+    zoo's data (``make_data``); returns the metadata for zoo.json. ``previous``: the chat zoo
+    this build replaces, whose base is reused when the recipe keeps it."""
     p, seed = recipe["params"], recipe["seed"]
     timings: dict[str, float] = {}
     losses: dict[str, dict[str, float]] = {}
@@ -164,16 +187,12 @@ def build_chat(out: Path, recipe: dict, hard_dir: Path, data: dict, progress: bo
     timings["data"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    base = AutoModelForCausalLM.from_pretrained(hard_dir / "base", dtype=torch.float32)
-    if p["chat_base_steps"] > 0:
-        rng = random.Random(f"chat-base-{seed}")
-        n_docs = p["chat_base_steps"] * p["pretrain_batch"] * 2  # more text than the steps read
-        docs = tok(midtrain_documents(rng, tok, data["docs"], pool, p, n_docs)).input_ids
-        batches = packed_batches(docs, tok.eos_token_id, p["pretrain_batch"], p["block"], seed + 100)
-        curve = train_loop(base, batches, p["chat_base_steps"], p["chat_base_lr"], max(1, p["chat_base_steps"] // 10),
-                           p["pretrain_wd"], "mid-train chat base", progress)
-        losses["base"] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
-    save_model(base, tok, out / "base")
+    if previous is not None and same_base(recipe, previous):
+        shutil.copytree(previous / "base", out / "base")
+        losses["base"] = {"reused_from_previous_build": True}
+    else:
+        _mid_train(out, tok, hard_dir, data, pool, p, seed, losses, progress, save_model)
+    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
     timings["base"] = time.perf_counter() - t
 
     for task in tasks.TASKS:
@@ -190,3 +209,18 @@ def build_chat(out: Path, recipe: dict, hard_dir: Path, data: dict, progress: bo
         timings[task] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return {"timings_s": timings, "train_loss": losses}
+
+
+def _mid_train(out: Path, tok, hard_dir: Path, data: dict, pool: dict, p: dict, seed: int, losses: dict,
+               progress: bool, save_model) -> None:
+    """The chat base: the hard base, mid-trained for ``chat_base_steps`` (0: the hard base as is)."""
+    base = AutoModelForCausalLM.from_pretrained(hard_dir / "base", dtype=torch.float32)
+    if p["chat_base_steps"] > 0:
+        rng = random.Random(f"chat-base-{seed}")
+        n_docs = p["chat_base_steps"] * p["pretrain_batch"] * 2  # more text than the steps read
+        docs = tok(midtrain_documents(rng, tok, data["docs"], pool, p, n_docs)).input_ids
+        batches = packed_batches(docs, tok.eos_token_id, p["pretrain_batch"], p["block"], seed + 100)
+        curve = train_loop(base, batches, p["chat_base_steps"], p["chat_base_lr"], max(1, p["chat_base_steps"] // 10),
+                           p["pretrain_wd"], "mid-train chat base", progress)
+        losses["base"] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
+    save_model(base, tok, out / "base")
