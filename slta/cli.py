@@ -43,7 +43,8 @@ def _zoo(a: argparse.Namespace) -> None:
     from slta.zoo import build_zoo
 
     t0 = time.perf_counter()
-    out = build_zoo(a.dir, size=a.size, seed=a.seed, force=a.force, progress=not a.quiet, threads=a.threads)
+    out = build_zoo(a.dir, size=a.size, seed=a.seed, force=a.force, progress=not a.quiet, threads=a.threads,
+                    kind=a.kind, hard_zoo=a.hard_zoo)
     print(f"zoo ready in {out} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -134,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     zs = z.add_subparsers(dest="zoo_command", required=True)
     zb = zs.add_parser("build", help="build (or reuse) the demo zoo: a base and three full fine-tunes")
     zb.add_argument("dir", help="zoo folder")
-    zb.add_argument("--size", default="default", choices=("tiny", "default"))
-    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--size", default="default", choices=("tiny", "small", "default"))
+    zb.add_argument("--seed", type=int, default=0, help="drives the data, pre-training and fine-tuning")
+    zb.add_argument("--kind", default="hard", choices=("hard", "chat"),
+                    help="hard: a prompt format per task; chat: one chat template, fixed epochs")
+    zb.add_argument("--hard-zoo", help="chat kind: the hard zoo of the same seed it starts from "
+                                       "(built if missing; default: hard-seedN beside DIR)")
     zb.add_argument("--force", action="store_true", help="rebuild even if the recipe is unchanged")
     zb.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for training (bytes are reproducible for a given count)")

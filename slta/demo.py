@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-TASKS = ("math", "code", "translate")
-COMBOS = [("math", "code"), ("math", "translate"), ("code", "translate"), ("math", "code", "translate")]
+from slta.demo_table import (COMBOS, LEVEL_NAMES, METHOD_NAMES, TASKS, accuracy_bars, baseline_summary, multi_zoo_rows,
+                             results_table, summary_line, table_rows, write_summary)
+
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
-LEVEL_NAMES = {"model": "slta Model Level", "layer": "slta Layer Level", "attn_mlp": "slta Attn/MLP Level",
-               "head_mlp": "slta Head/MLP Level"}
+KINDS = ("hard", "chat")
+__all__ = ["COMBOS", "LEVELS", "METHOD_NAMES", "TASKS", "baseline_grids", "run_demo", "table_rows"]
 
 
 def baseline_grids(size: str) -> dict[str, list[dict[str, Any]]]:
@@ -56,10 +57,6 @@ def baseline_grids(size: str) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-METHOD_NAMES = {"weight_average": "Weight Avg", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
-                "dare_linear": "DARE", "breadcrumbs": "Breadcrumbs", "consensus_ta": "Consensus TA",
-                "regmean": "RegMean"}
-
 
 def generation_budget(zoo: Path) -> dict[str, int]:
     """Per task, how many tokens a correct completion can need: the longest calibration
@@ -67,20 +64,28 @@ def generation_budget(zoo: Path) -> dict[str, int]:
     model that rambles is cut there instead of at 64 tokens; its answer would be wrong anyway."""
     from transformers import AutoTokenizer
 
-    from slta.evaluate import read_jsonl
-
     tok = AutoTokenizer.from_pretrained(zoo / "base")
     budget = {}
     for t in TASKS:
-        responses = [r["response"] for r in read_jsonl(zoo / "data" / t / "calib.jsonl")]
+        # calibration rows are {"prompt", "response"} (hard kind) or {"messages"} (chat kind)
+        responses = [r["response"] if "response" in r else " " + r["messages"][-1]["content"]
+                     for r in _read_rows(zoo / "data" / t / "calib.jsonl")]
         longest = max(len(ids) for ids in tok(responses, add_special_tokens=False).input_ids)
         budget[t] = int(1.25 * longest) + 8
     return budget
 
 
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 class Demo:
-    def __init__(self, zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool):
+    def __init__(self, zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
+                 methods: set[str] | None = None, triple_only: bool = False):
         self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
+        # the triple only: what a zoo's calibration targets are about, at a quarter of the evaluations
+        self.combos = COMBOS[-1:] if triple_only else COMBOS
+        self.methods = methods  # None: every baseline and slta
         self.seeds = list(range(seeds))
         self.cache = out / "cache"
         self.work = out / "work"
@@ -138,7 +143,9 @@ class Demo:
     def baselines(self, bar) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
         for method, grid in baseline_grids(self.size).items():
-            for combo in COMBOS:
+            if self.methods is not None and method not in self.methods:
+                continue
+            for combo in self.combos:
                 best, best_params = -1.0, None
                 for params in grid:  # grid search on the validation split (A.3.4)
                     bar.set_postfix_str(f"{method} {'+'.join(combo)} {params}")
@@ -163,6 +170,8 @@ class Demo:
 
         results: dict[str, dict[str, Any]] = {}
         triple = COMBOS[-1]
+        if self.methods is not None and "slta" not in self.methods:
+            return results
         for level in LEVELS:
             for seed in self.seeds:
                 bar.set_postfix_str(f"slta {level} seed {seed}")
@@ -171,10 +180,10 @@ class Demo:
                 folder = self.work / f"slta-{key}"
                 keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
                 cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
-                             for c in COMBOS) and (keep is None or keep.exists())
+                             for c in self.combos) and (keep is None or keep.exists())
                 if not cached:
                     run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
-                for combo in COMBOS:
+                for combo in self.combos:
                     ck = self.key({"config": cfg, "combo": combo})
                     path = self.cache / f"eval-{ck}-test.json"
                     if not path.exists():
@@ -200,9 +209,23 @@ class Demo:
         return results
 
 
+def zoo_dir(root: Path, kind: str, seed: int) -> Path:
+    return root / f"{kind}-seed{seed}"
+
+
 def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size: str = "default",
-             device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1) -> dict[str, Any]:
-    """Run the demo; returns the results and writes OUT/report.
+             device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
+             zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
+             methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
+             triple_only: bool = False) -> dict[str, Any]:
+    """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
+
+    ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
+    zoo/SIZE). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
+    per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
+    methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
+    ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
+    that has them.
 
     ``threads`` sets torch's CPU threads. The default is 1: the zoo's models are so small that
     a second thread gains little, and on a 2-core machine that another process also uses, an
@@ -212,20 +235,64 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     from transformers.utils import logging as hf_logging
 
     from slta.zoo import build_zoo
+    from slta.zoo.build import recipe_for
 
+    kinds = KINDS if zoo_kind == "both" else (zoo_kind,)
+    if any(k not in KINDS for k in kinds):
+        raise ValueError(f"unknown zoo kind {zoo_kind!r}; known: {', '.join(KINDS)}, both")
+    known = set(baseline_grids(size)) | {"slta"}
+    if methods is not None and not set(methods) <= known:
+        raise ValueError(f"unknown methods: {', '.join(sorted(set(methods) - known))}; known: {', '.join(sorted(known))}")
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per evaluated model is noise here
     torch.set_num_threads(max(1, threads))
     started = time.perf_counter()
-    zoo = Path(zoo or f"zoo/{size}")
+    root = Path(zoo or f"zoo/{size}")
     out = Path(out or f"demo_out/{size}")
-    t = time.perf_counter()
-    print(f"slta demo ({size}): building or reusing the zoo in {zoo} ...", flush=True)
-    build_zoo(zoo, size=size, progress=progress, threads=threads)
-    zoo_s = time.perf_counter() - t
-    demo = Demo(zoo, out, size, device, seeds, progress)
-    grids = baseline_grids(size)
-    steps = len(TASKS) + 1 + sum(len(g) * len(COMBOS) for g in grids.values()) + len(LEVELS) * len(demo.seeds)
-    with tqdm(total=steps, desc="slta demo", disable=not progress) as bar:
+    unknown = set(zoo_overrides or {}) - {k for kind in kinds for k in recipe_for(size, 0, kind=kind)["params"]}
+    if unknown:
+        raise ValueError(f"unknown zoo recipe keys: {', '.join(sorted(unknown))}")
+    study: dict[str, Any] = {"size": size, "zoo_root": str(root), "zoo_seeds": list(zoo_seeds),
+                             "zoo_overrides": zoo_overrides or {},
+                             "methods": sorted(methods) if methods is not None else "all", "kinds": {},
+                             "timings_s": {}}
+    for kind in kinds:
+        per_zoo = []
+        for zs in zoo_seeds:
+            t = time.perf_counter()
+            path = zoo_dir(root, kind, zs)
+            print(f"slta demo ({size}, {kind} kind, zoo seed {zs}): building or reusing the zoo in {path} ...", flush=True)
+            known = set(recipe_for(size, zs, kind=kind)["params"])
+            build_zoo(path, size=size, seed=zs, progress=progress, threads=threads, kind=kind,
+                      hard_zoo=zoo_dir(root, "hard", zs),
+                      overrides={k: v for k, v in (zoo_overrides or {}).items() if k in known})
+            zoo_s = time.perf_counter() - t
+            res = demo_one_zoo(path, out / f"{kind}-seed{zs}", size, device, seeds, progress,
+                               set(methods) if methods is not None else None, triple_only)
+            res.update(kind=kind, zoo_seed=zs, report=str(out / f"{kind}-seed{zs}" / "report"))
+            res["timings_s"]["zoo"] = zoo_s
+            per_zoo.append(res)
+        rows = multi_zoo_rows(per_zoo)
+        study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo),
+                                "zoos": [{"zoo_seed": r["zoo_seed"], "zoo": r["zoo"], "report": r["report"],
+                                          "zoo_recipe_hash": r["zoo_recipe_hash"]} for r in per_zoo]}
+        print(f"\n== {kind} kind, zoo seeds {', '.join(map(str, zoo_seeds))} ==")
+        print(results_table(rows, len(per_zoo))["text"])
+        print(f"baselines in brief: {summary_line(study['kinds'][kind]['summary'])}")
+    study["timings_s"]["total"] = time.perf_counter() - started
+    write_summary(study, out / "report")
+    print(f"\nreport written to {out / 'report'} ({study['timings_s']['total']:.0f}s)")
+    return study
+
+
+def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
+                 methods: set[str] | None, triple_only: bool = False) -> dict[str, Any]:
+    """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results."""
+    started = time.perf_counter()
+    demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only)
+    grids = {m: g for m, g in baseline_grids(size).items() if methods is None or m in methods}
+    n_slta = len(LEVELS) * len(demo.seeds) if methods is None or "slta" in methods else 0
+    steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
+    with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()
         bar.update(len(TASKS) + 1)
@@ -233,63 +300,17 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
         ours = demo.slta(bar)
     results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
                "baselines": base, "slta": ours, "seeds": demo.seeds,
-               "timings_s": {"zoo": zoo_s, "total": time.perf_counter() - started}}
+               "timings_s": {"total": time.perf_counter() - started}}
     write_report(results, out / "report")
-    print(results_table(results)["text"])
-    print(f"\nreport written to {out / 'report'} ({results['timings_s']['total']:.0f}s)")
     return results
 
 
-# -- tables and report ---------------------------------------------------------------------------
-
-def _avg(scores: dict[str, float], combo: tuple[str, ...]) -> float:
-    return 100 * float(np.mean([scores[t] for t in combo]))
-
-
-def table_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[float, float | None]]]]:
-    """(row name, [(mean, std or None) per combo]) in the paper's Table 1/3 order."""
-    refs = results["reference"]
-    rows = [("Base Model", [(_avg(refs["base"], c), None) for c in COMBOS]),
-            ("Fine-tuned Model", [(float(np.mean([100 * refs[t][t] for t in c])), None) for c in COMBOS])]
-    for method, by_combo in results["baselines"].items():
-        rows.append((METHOD_NAMES.get(method, method),
-                     [(_avg(by_combo["+".join(c)]["test"], c), None) for c in COMBOS]))
-    for level, by_combo in results["slta"].items():
-        cells = []
-        for c in COMBOS:
-            vals = [_avg(r["test"], c) for r in by_combo["+".join(c)]]
-            cells.append((float(np.mean(vals)), float(np.std(vals))))
-        rows.append((LEVEL_NAMES[level], cells))
-    return rows
-
-
-def results_table(results: dict[str, Any]) -> dict[str, str]:
-    rows = table_rows(results)
-    merged = [r for r in rows if r[0] not in ("Base Model", "Fine-tuned Model")]
-    best = [max(r[1][j][0] for r in merged) for j in range(len(COMBOS))]
-    header = ["Method"] + [" & ".join(t.capitalize() for t in c) for c in COMBOS]
-
-    def cell(mean: float, std: float | None, bold: bool, md: bool) -> str:
-        s = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-        return f"**{s}**" if bold and md else (s + " *" if bold else s)
-
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    widths = [max(len(h), 22) for h in header]
-    text = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    for name, cells in rows:
-        is_merge = name not in ("Base Model", "Fine-tuned Model")
-        md.append("| " + " | ".join([name] + [cell(m, s, is_merge and m == best[j], True)
-                                             for j, (m, s) in enumerate(cells)]) + " |")
-        text.append("  ".join([name.ljust(widths[0])] + [cell(m, s, is_merge and m == best[j], False).ljust(w)
-                                                          for j, ((m, s), w) in enumerate(zip(cells, widths[1:]))]))
-    text.append("(average exact-match accuracy, %, on the test splits; * = best merge; slta rows: mean ± std "
-                "over calibration seeds)")
-    return {"markdown": "\n".join(md), "text": "\n".join(text)}
-
+# -- the one-zoo report ---------------------------------------------------------------------------
 
 def write_report(results: dict[str, Any], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tables = results_table(results)
+    rows = [(name, [(m, None, sd) for m, sd in cells]) for name, cells in table_rows(results)]
+    tables = results_table(rows, 1)
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     detail = ["", "## Per-task accuracy (%)", "", "| Method | Combination | " + " | ".join(TASKS) + " |",
               "|---|---|" + "---|" * len(TASKS)]
@@ -309,9 +330,9 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                "|---|" + "---|" * len(TASKS)]
     for name, scores in refs.items():
         detail.append(f"| {name} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in TASKS) + " |")
-    (folder / "results.md").write_text(f"# slta demo ({results['size']} zoo)\n\n" + tables["markdown"] + "\n"
-                                       + "\n".join(detail) + "\n")
-    accuracy_bars(results, folder / "accuracy.png")
+    (folder / "results.md").write_text(f"# slta demo ({results['size']} zoo {results['zoo']})\n\n" + tables["markdown"]
+                                       + "\n" + "\n".join(detail) + "\n")
+    accuracy_bars(rows, f"slta demo ({results['size']} zoo {Path(results['zoo']).name})", folder / "accuracy.png")
     heat = folder / "slta_attn_mlp_triple_seed0" / "slta_report.json"
     if heat.exists():
         from slta.figures import fig5_alpha
@@ -319,36 +340,47 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
         fig5_alpha(json.loads(heat.read_text()), folder / "alpha_heatmap_attn_mlp_triple.png")
 
 
-def accuracy_bars(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = table_rows(results)
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    width = 0.8 / len(rows)
-    x = np.arange(len(COMBOS))
-    for k, (name, cells) in enumerate(rows):
-        means = [m for m, _ in cells]
-        stds = [s or 0 for _, s in cells]
-        ax.bar(x + k * width, means, width, yerr=stds if any(stds) else None, label=name, capsize=2)
-    ax.set_xticks(x + width * (len(rows) - 1) / 2, [" & ".join(c) for c in COMBOS])
-    ax.set_ylabel("average exact match (%)")
-    ax.set_title(f"slta demo ({results['size']} zoo): merging the fine-tunes")
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="build the demo zoo, merge it with slta and every baseline, print the table")
-    p.add_argument("--zoo", help="zoo folder (default: zoo/SIZE)")
+    p.add_argument("--zoo", help="folder holding the zoos, KIND-seedN/ (default: zoo/SIZE)")
     p.add_argument("--out", help="output folder (default: demo_out/SIZE)")
-    p.add_argument("--size", default="default", choices=("tiny", "default"))
+    p.add_argument("--size", default="default", choices=("tiny", "small", "default"))
+    p.add_argument("--zoo-seeds", default="0", type=_int_list,
+                   help="comma-separated zoo seeds (data, pre-training, fine-tuning); several give mean ± std "
+                        "across zoos, e.g. 0,1,2 (default 0)")
+    p.add_argument("--zoo-kind", default="both", choices=(*KINDS, "both"),
+                   help="hard: a prompt format per task; chat: one chat template, fixed epochs (default both)")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
+                   help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
+                        "weight_average,task_arithmetic to calibrate a zoo on baselines only")
+    p.add_argument("--triple-only", action="store_true",
+                   help="merge only the three-task combination (the pairs' cells stay empty): zoo calibration")
+    p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
+                   help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads))
+    p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
+                                           a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
+                                           a.triple_only))
+
+
+def _override(s: str) -> tuple[str, Any]:
+    key, sep, value = s.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{key}: the value must be JSON (a number, true/false, ...), got {value!r}") from None
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {s!r}")
+    return vals

@@ -1,4 +1,4 @@
-"""`slta demo --size tiny` end to end (what CI runs): the results table is complete and finite."""
+"""`slta demo`: the multi-zoo table on synthetic results, and `--size tiny` end to end (what CI runs)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,48 @@ import math
 import subprocess
 import sys
 
-from slta.demo import COMBOS, LEVELS, METHOD_NAMES, baseline_grids, table_rows
+import pytest
+
+from slta.demo import COMBOS, LEVELS, METHOD_NAMES, TASKS, baseline_grids, table_rows
+from slta.demo_table import baseline_summary, format_cell, multi_zoo_rows, results_table
+
+
+def _fake_results(acc: float, ta_lambda: float, slta_seeds: list[float]) -> dict:
+    """One zoo's results where every task of every combination scores ``acc`` (0..1)."""
+    per = lambda v: {t: v for t in TASKS}  # noqa: E731
+    combos = ["+".join(c) for c in COMBOS]
+    return {
+        "reference": {"base": per(0.1), **{t: per(acc) for t in TASKS}},
+        "baselines": {"task_arithmetic": {c: {"params": {"weight": ta_lambda}, "test": per(acc / 2)} for c in combos}},
+        "slta": {"attn_mlp": {c: [{"seed": i, "test": per(v)} for i, v in enumerate(slta_seeds)] for c in combos}},
+    }
+
+
+def test_multi_zoo_table_aggregates_across_zoos_and_calibration_seeds():
+    zoos = [_fake_results(0.8, 0.4, [0.5, 0.7]), _fake_results(0.6, 0.6, [0.3, 0.3])]
+    rows = dict(multi_zoo_rows(zoos))
+    assert list(rows) == ["Base Model", "Fine-tuned Model", "Task Arithmetic", "slta Attn/MLP Level"]
+    for j in range(len(COMBOS)):
+        assert rows["Base Model"][j] == pytest.approx((10.0, 0.0, None))
+        assert rows["Fine-tuned Model"][j] == pytest.approx((70.0, 10.0, None))  # mean, population std of 80, 60
+        assert rows["Task Arithmetic"][j] == pytest.approx((35.0, 5.0, None))
+        # slta: zoo means 60 and 30 -> 45 ± 15; calibration std 10 and 0 -> 5 on average
+        assert rows["slta Attn/MLP Level"][j] == pytest.approx((45.0, 15.0, 5.0))
+    assert format_cell(rows["slta Attn/MLP Level"][0]) == "45.00 ± 15.00 (calib ± 5.00)"
+    assert format_cell((45.0, None, 5.0)) == "45.00 ± 5.00"  # one zoo: the calibration spread only
+    text = results_table(list(rows.items()), 2)["text"]
+    assert "over 2 zoo seeds" in text and "45.00 ± 15.00 (calib ± 5.00) *" in text
+
+    one = dict(multi_zoo_rows(zoos[:1]))
+    assert one["slta Attn/MLP Level"][0] == pytest.approx((60.0, None, 10.0))
+    assert dict(table_rows(zoos[0]))["slta Attn/MLP Level"][0] == pytest.approx((60.0, 10.0))
+
+    s = baseline_summary(zoos)
+    assert s["mean"]["ta_lambda"] == pytest.approx(0.5) and s["mean"]["task_arithmetic"] == pytest.approx(35.0)
+    assert s["mean"]["finetune_avg"] == pytest.approx(70.0) and "weight_average" not in s["mean"]
+
+    with pytest.raises(ValueError, match="different methods"):
+        multi_zoo_rows([zoos[0], {**zoos[1], "slta": {}}])
 
 
 def test_tiny_demo_end_to_end(tmp_path):
@@ -15,25 +56,56 @@ def test_tiny_demo_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo", str(zoo),
                            "--out", str(out), "-q"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "report" / "results.json").read_text())
-    rows = dict(table_rows(results))
+    study = json.loads((out / "report" / "results.json").read_text())
+    assert list(study["kinds"]) == ["hard", "chat"] and study["zoo_seeds"] == [0]
     expected = ["Base Model", "Fine-tuned Model"] + [METHOD_NAMES[m] for m in baseline_grids("tiny")] + \
                [f"slta {n}" for n in ("Model Level", "Layer Level", "Attn/MLP Level", "Head/MLP Level")]
-    assert list(rows) == expected
-    for name, cells in rows.items():
-        assert len(cells) == len(COMBOS), name
-        for mean, std in cells:
-            assert math.isfinite(mean) and 0 <= mean <= 100, (name, mean)
-            assert std is None or math.isfinite(std)
-    for level in LEVELS:  # three calibration seeds per level and combination
-        assert all(len(runs) == 3 for runs in results["slta"][level].values())
-    for name in ("results.md", "accuracy.png", "alpha_heatmap_attn_mlp_triple.png"):
-        assert (out / "report" / name).stat().st_size > 0, name
-    assert "Fine-tuned Model" in proc.stdout and "slta Attn/MLP Level" in proc.stdout
+    first = {}
+    for kind in ("hard", "chat"):
+        assert [name for name, _ in study["kinds"][kind]["table"]] == expected
+        results = first[kind] = json.loads((out / f"{kind}-seed0" / "report" / "results.json").read_text())
+        rows = dict(table_rows(results))
+        assert list(rows) == expected
+        for name, cells in rows.items():
+            assert len(cells) == len(COMBOS), name
+            for mean, std in cells:
+                assert math.isfinite(mean) and 0 <= mean <= 100, (name, mean)
+                assert std is None or math.isfinite(std)
+        for level in LEVELS:  # three calibration seeds per level and combination
+            assert all(len(runs) == 3 for runs in results["slta"][level].values())
+        for name in ("results.md", "accuracy.png", "alpha_heatmap_attn_mlp_triple.png"):
+            assert (out / f"{kind}-seed0" / "report" / name).stat().st_size > 0, (kind, name)
+        assert (out / "report" / f"accuracy_{kind}.png").stat().st_size > 0
+    assert "== chat kind" in proc.stdout and "slta Attn/MLP Level" in proc.stdout
 
     # a rerun reuses every cached merge and evaluation
     again = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo", str(zoo),
                             "--out", str(out), "-q"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
-    assert json.loads((out / "report" / "results.json").read_text())["baselines"] == results["baselines"]
-    assert not (out / "work").exists() or not any((out / "work").iterdir())
+    for kind in ("hard", "chat"):
+        assert json.loads((out / f"{kind}-seed0" / "report" / "results.json").read_text())["baselines"] == \
+            first[kind]["baselines"]
+        work = out / f"{kind}-seed0" / "work"
+        assert not work.exists() or not any(work.iterdir())
+
+
+def test_methods_option_restricts_the_study(tmp_path):
+    from slta.demo import run_demo
+
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_demo(tmp_path / "z", tmp_path / "o", size="tiny", methods=["no_such_method"])
+    with pytest.raises(ValueError, match="unknown zoo kind"):
+        run_demo(tmp_path / "z", tmp_path / "o", size="tiny", zoo_kind="soft")
+
+
+def test_triple_only_results_leave_the_pairs_empty():
+    """`--triple-only` studies hold the triple alone: the pairs' cells print as "–", not as 0."""
+    full = _fake_results(0.8, 0.4, [0.5, 0.7])
+    triple = "+".join(COMBOS[-1])
+    only = {**full, "baselines": {m: {triple: r[triple]} for m, r in full["baselines"].items()},
+            "slta": {lvl: {triple: r[triple]} for lvl, r in full["slta"].items()}}
+    rows = dict(multi_zoo_rows([only, only]))
+    assert all(math.isnan(c[0]) for c in rows["Task Arithmetic"][:-1])
+    assert rows["Task Arithmetic"][-1] == pytest.approx((40.0, 0.0, None))
+    md = results_table(list(rows.items()), 2)["markdown"]
+    assert "| Task Arithmetic | – | – | – | " in md and "nan" not in md

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -113,3 +114,128 @@ def test_deterministic(tiny_zoo, tmp_path):
     for task in TASKS:
         for s in ("calib", "val", "test"):
             assert (zoo / "data" / task / f"{s}.jsonl").read_bytes() == (again / "data" / task / f"{s}.jsonl").read_bytes()
+
+
+SMALL = {"pretrain_steps": 4, "finetune_steps": 3, "finetune_max_steps": 3, "pretrain_docs": 300, "train_examples": 100}
+
+
+def _files(zoo: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(zoo)): p.read_bytes() for p in sorted(zoo.rglob("*")) if p.is_file() and p.name != "zoo.json"}
+
+
+def test_zoo_seed_drives_data_and_training(tmp_path):
+    """Another seed gives other data, another base and other fine-tunes (tiny, cheap recipe)."""
+    a = _files(build_zoo(tmp_path / "s0", size="tiny", seed=0, progress=False, overrides=SMALL))
+    b = _files(build_zoo(tmp_path / "s1", size="tiny", seed=1, progress=False, overrides=SMALL))
+    assert a.keys() == b.keys()
+    for task in TASKS:
+        assert a[f"data/{task}/test.jsonl"] != b[f"data/{task}/test.jsonl"]
+    for d in MODEL_DIRS:
+        assert a[f"{d}/model.safetensors"] != b[f"{d}/model.safetensors"], f"{d}: the seed did not change it"
+
+
+def test_fine_tune_trains_to_its_target_loss():
+    """The hard kind's fine-tunes go on past the schedule until the stop loss (up to max_steps)."""
+    from slta.zoo.train import train_loop
+
+    class Toy(torch.nn.Module):  # loss = w², so it falls below any threshold, slowly
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2, 2))
+
+        def forward(self, **_) -> object:
+            return type("Out", (), {"loss": (self.w ** 2).mean()})()
+
+    batch = lambda step: (None, None, None)  # noqa: E731
+    never = train_loop(Toy(), batch, steps=60, lr=1e-3, warmup=5, weight_decay=0.0, desc="", progress=False,
+                       stop_loss=-1.0, max_steps=90)
+    assert len(never) == 90  # not reached: runs to max_steps, not to the schedule's 60
+    reached = train_loop(Toy(), batch, steps=60, lr=0.05, warmup=5, weight_decay=0.0, desc="", progress=False,
+                         stop_loss=0.5, max_steps=500)
+    assert 50 <= len(reached) < 500 and sum(reached[-50:]) / 50 < 0.5
+
+
+# -- the chat kind ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def chat_zoo(tiny_zoo, tmp_path_factory) -> Path:
+    zoo, _ = tiny_zoo
+    return build_zoo(tmp_path_factory.mktemp("chat") / "chat-seed0", size="tiny", seed=0, progress=False,
+                     kind="chat", hard_zoo=zoo)
+
+
+def test_chat_template_renders_calibration_and_evaluation(chat_zoo):
+    """Training text, the calibration files ({"messages"}) and the evaluation prompts are one
+    rendering of the tokenizer's chat_template, each with exactly one <s>."""
+    from slta.calibration import sample_text
+    from slta.zoo.chat import CHAT_TEMPLATE
+    from slta.zoo.train import encode_examples
+
+    for d in MODEL_DIRS:
+        assert AutoTokenizer.from_pretrained(chat_zoo / d).chat_template == CHAT_TEMPLATE
+    tok = AutoTokenizer.from_pretrained(chat_zoo / "base")
+    for task in TASKS:
+        calib = [json.loads(x) for x in (chat_zoo / "data" / task / "calib.jsonl").read_text().splitlines()]
+        assert all(set(r) == {"messages"} and [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+                   for r in calib)
+        msgs = calib[0]["messages"]
+        text = sample_text(calib[0], tok, "calib")  # the calibration path of `slta merge`
+        assert text == tok.apply_chat_template(msgs, tokenize=False)
+        assert "USER: " in text and text.endswith(msgs[-1]["content"] + tok.eos_token)
+        prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        ids, labels = encode_examples(tok, [{"prompt": prompt, "response": " " + msgs[-1]["content"]}])[0]
+        assert tok(text).input_ids == ids  # what the fine-tune trained on, token for token
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+        for split in ("val", "test"):
+            rows = [json.loads(x) for x in (chat_zoo / "data" / task / f"{split}.jsonl").read_text().splitlines()]
+            for r in rows[:5]:
+                assert r["prompt"].endswith("\nASSISTANT:") and r["prompt"].startswith(msgs[0]["content"])
+                user = r["prompt"].split("USER: ", 1)[1].rsplit("\nASSISTANT:", 1)[0]
+                again = tok.apply_chat_template([msgs[0], {"role": "user", "content": user}], tokenize=False,
+                                                add_generation_prompt=True)
+                assert again == r["prompt"]
+                assert tok(r["prompt"]).input_ids.count(tok.bos_token_id) == 1
+
+
+def test_chat_zoo_shares_the_hard_kinds_data_and_evaluates(chat_zoo, tiny_zoo):
+    from slta.evaluate import evaluate
+
+    hard, _ = tiny_zoo
+    meta = json.loads((chat_zoo / "zoo.json").read_text())
+    assert meta["recipe"]["kind"] == "chat" and meta["hard_zoo"]["path"] == str(hard)
+    for task in TASKS:  # same held-out answers, in the template
+        a = [json.loads(x)["answer"] for x in (hard / "data" / task / "test.jsonl").read_text().splitlines()]
+        b = [json.loads(x)["answer"] for x in (chat_zoo / "data" / task / "test.jsonl").read_text().splitlines()]
+        assert a == b
+    scores = evaluate(chat_zoo / "math", chat_zoo / "data", limit=4, progress=False, max_new_tokens=8)
+    assert set(scores) == set(TASKS)
+
+
+def test_chat_base_without_mid_training_is_the_hard_base(tiny_zoo, tmp_path):
+    hard, _ = tiny_zoo
+    chat = build_zoo(tmp_path / "chat-seed0", size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard,
+                     overrides={"chat_base_steps": 0, "chat_train_examples": 32, "chat_epochs": 1})
+    assert load_file(chat / "base" / "model.safetensors").keys() == load_file(hard / "base" / "model.safetensors").keys()
+    a, b = load_file(chat / "base" / "model.safetensors"), load_file(hard / "base" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_chat_zoo_deterministic(chat_zoo, tiny_zoo, tmp_path):
+    hard, _ = tiny_zoo
+    again = build_zoo(tmp_path / "chat-seed0", size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard)
+    assert _files(chat_zoo) == _files(again)
+
+
+def test_chat_rebuild_that_keeps_the_base_reuses_it(chat_zoo, tiny_zoo, tmp_path):
+    """Changing only the fine-tunes' schedule reuses the mid-trained base (same bytes, no
+    mid-training); changing a base knob mid-trains again."""
+    hard, _ = tiny_zoo
+    folder = tmp_path / "chat-seed0"
+    shutil.copytree(chat_zoo, folder)
+    build_zoo(folder, size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard, overrides={"chat_epochs": 1})
+    meta = json.loads((folder / "zoo.json").read_text())
+    assert meta["train_loss"]["base"] == {"reused_from_previous_build": True}
+    assert (folder / "base" / "model.safetensors").read_bytes() == (chat_zoo / "base" / "model.safetensors").read_bytes()
+    build_zoo(folder, size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard,
+              overrides={"chat_epochs": 1, "chat_base_steps": 5})
+    assert "first" in json.loads((folder / "zoo.json").read_text())["train_loss"]["base"]

@@ -4,12 +4,17 @@ Layout of ``out_dir``::
 
     zoo.json                    recipe, its hash, timings, training losses
     base/ math/ code/ translate/   Hugging Face model folders (config, safetensors, tokenizer)
-    data/{task}/calib.jsonl     {"prompt", "response"}: training-format calibration samples
+    data/{task}/calib.jsonl     calibration samples in the training format: {"prompt", "response"}
+                                (hard kind) or {"messages": [...]} (chat kind)
     data/{task}/val.jsonl       {"prompt", "answer"}: held-out validation set
-    data/{task}/test.jsonl      {"prompt", "answer"}: held-out test set
+    data/{task}/test.jsonl      {"prompt", "answer"}: held-out test set (chat kind: the prompt
+                                is the chat template's rendering)
 
-Everything is a deterministic function of the recipe (size preset + seed + generator
-version); a zoo whose stored recipe hash matches is reused as is.
+Two kinds: ``hard`` (here) and ``chat`` (slta.zoo.chat, built on the hard zoo of the same seed).
+Everything is a deterministic function of the recipe (kind, size preset, overrides, seed,
+generator version) and the torch thread count, on one machine: the seed drives the data, the
+base's initialisation and pre-training batches, and the fine-tunes' batches. Another CPU can
+round differently and build another zoo. A zoo whose stored recipe hash matches is reused as is.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from slta.output import check_output
 from slta.zoo import tasks
+from slta.zoo.chat import CHAT_SIZES, build_chat
 from slta.zoo.tokenizer import train_tokenizer
 from slta.zoo.train import encode_examples, make_model, packed_batches, sft_batches, train_loop
 
@@ -42,6 +48,18 @@ SIZES: dict[str, dict] = {
         pretrain_docs=2000, pretrain_steps=100, pretrain_batch=16, block=64, pretrain_lr=3e-3,
         train_examples=1000, finetune_steps=60, finetune_batch=16, finetune_lr=2e-3,
         n_calib=32, n_val=32, n_test=48, warmup=20, pretrain_wd=0.1, finetune_wd=0.0, finetune_stop_loss=0.01,
+        finetune_max_steps=60,  # tiny never reaches the stop loss; CI stays fast
+    ),
+    # The default architecture's shape at about a third of its training cost: where the chat
+    # kind was calibrated over several zoo seeds on a shared 2-core machine (docs/zoo_calibration.md).
+    "small": dict(
+        vocab_size=512, hidden=96, layers=3, heads=4, kv_heads=2, ffn=256, max_len=256,
+        n_nouns=16, n_verbs=8, n_adjs=8,
+        math_min_steps=1, math_max_steps=2, math_quote=True, worked_frac=0.9, solved_frac=0.8, code_min_len=3, code_max_len=5,
+        pretrain_docs=20000, pretrain_steps=1000, pretrain_batch=16, block=96, pretrain_lr=3e-3,
+        train_examples=10000, finetune_steps=300, finetune_batch=16, finetune_lr=5e-4,
+        n_calib=64, n_val=100, n_test=150, warmup=50, pretrain_wd=0.1, finetune_wd=0.0, finetune_stop_loss=0.01,
+        finetune_max_steps=900,
     ),
     "default": dict(
         vocab_size=768, hidden=128, layers=4, heads=4, kv_heads=2, ffn=352, max_len=256,
@@ -50,19 +68,38 @@ SIZES: dict[str, dict] = {
         pretrain_docs=60000, pretrain_steps=2400, pretrain_batch=16, block=128, pretrain_lr=2e-3,
         train_examples=40000, finetune_steps=400, finetune_batch=16, finetune_lr=3e-4,
         n_calib=128, n_val=200, n_test=300, warmup=100, pretrain_wd=0.1, finetune_wd=0.0, finetune_stop_loss=0.01,
+        # A fine-tune goes on (at the schedule's final lr) until it reaches the stop loss: on
+        # an Intel Xeon the code fine-tune was cut at 400 steps at loss 0.12 and scored 78%.
+        finetune_max_steps=2000,
     ),
 }
 MODEL_DIRS = ("base", *tasks.TASKS)
 
 
-def recipe_for(size: str, seed: int, overrides: dict | None = None) -> dict:
+KINDS = ("hard", "chat")
+
+
+def recipe_for(size: str, seed: int, overrides: dict | None = None, kind: str = "hard") -> dict:
+    """The recipe of one zoo. The seed drives everything: data, pre-training, fine-tuning."""
     if size not in SIZES:
         raise ValueError(f"unknown zoo size {size!r}; known: {', '.join(SIZES)}")
-    params = dict(SIZES[size], **(overrides or {}))
-    unknown = set(params) - set(SIZES[size])
+    if kind not in KINDS:
+        raise ValueError(f"unknown zoo kind {kind!r}; known: {', '.join(KINDS)}")
+    known = dict(SIZES[size], **(CHAT_SIZES[size] if kind == "chat" else {}))
+    unknown = set(overrides or {}) - set(known)
     if unknown:
         raise ValueError(f"unknown zoo recipe keys: {', '.join(sorted(unknown))}")
-    return {"version": GENERATOR_VERSION, "size": size, "seed": seed, "params": params}
+    params = dict(known, **(overrides or {}))
+    recipe = {"version": GENERATOR_VERSION, "size": size, "seed": seed, "params": params}
+    if kind == "chat":  # the hard recipe's hash is left as it was before kinds existed
+        recipe["kind"] = kind
+    return recipe
+
+
+def hard_recipe_of(recipe: dict) -> dict:
+    """The hard zoo a chat zoo starts from: same size, seed, and hard-kind parameters."""
+    hard = {k: v for k, v in recipe["params"].items() if k in SIZES[recipe["size"]]}
+    return {"version": recipe["version"], "size": recipe["size"], "seed": recipe["seed"], "params": hard}
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -113,8 +150,30 @@ def make_data(recipe: dict) -> dict:
     return {"lexicon": lex, "splits": splits, "docs": docs}
 
 
-def _build(out: Path, recipe: dict, progress: bool) -> dict:
-    """Builds the zoo into ``out`` (an empty folder); returns the metadata for zoo.json."""
+# Keys that only the hard kind's fine-tunes read: the base does not depend on them.
+FINETUNE_ONLY = ("finetune_steps", "finetune_batch", "finetune_lr", "finetune_wd", "finetune_stop_loss", "finetune_max_steps")
+
+
+def base_hash(recipe: dict) -> str:
+    """Hash of what the pre-trained base depends on (a hard recipe less its fine-tuning keys)."""
+    return recipe_hash({**recipe, "params": {k: v for k, v in recipe["params"].items() if k not in FINETUNE_ONLY}})
+
+
+def has_base(out_dir: Path, recipe: dict) -> bool:
+    """Whether ``out_dir`` holds the pre-trained base of this hard recipe (a full zoo, or one
+    built with ``base_only`` for a chat zoo)."""
+    try:
+        stored = json.loads((out_dir / "zoo.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return stored.get("base_hash") == base_hash(recipe) and (out_dir / "base" / "model.safetensors").is_file()
+
+
+def _build(out: Path, recipe: dict, progress: bool, base_only: bool = False, reuse_base: Path | None = None) -> dict:
+    """Builds the zoo into ``out`` (an empty folder); returns the metadata for zoo.json.
+
+    ``reuse_base``: a folder holding this recipe's base (skips pre-training). ``base_only``:
+    stop after the base (what a chat zoo needs)."""
     p, seed = recipe["params"], recipe["seed"]
     timings: dict[str, float] = {}
     losses: dict[str, dict[str, float]] = {}
@@ -133,13 +192,20 @@ def _build(out: Path, recipe: dict, progress: bool) -> dict:
 
     # Pre-training: plain language modelling on the unlabeled corpus.
     t = time.perf_counter()
-    base = make_model(tok, p["hidden"], p["layers"], p["heads"], p["kv_heads"], p["ffn"], p["max_len"], seed)
-    docs = tok(data["docs"]).input_ids
-    batches = packed_batches(docs, tok.eos_token_id, p["pretrain_batch"], p["block"], seed)
-    curve = train_loop(base, batches, p["pretrain_steps"], p["pretrain_lr"], p["warmup"], p["pretrain_wd"], "pretrain base", progress)
-    save_model(base, tok, out / "base")
-    losses["base"] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
+    if reuse_base is not None:
+        shutil.copytree(reuse_base, out / "base")
+    else:
+        base = make_model(tok, p["hidden"], p["layers"], p["heads"], p["kv_heads"], p["ffn"], p["max_len"], seed)
+        docs = tok(data["docs"]).input_ids
+        batches = packed_batches(docs, tok.eos_token_id, p["pretrain_batch"], p["block"], seed)
+        curve = train_loop(base, batches, p["pretrain_steps"], p["pretrain_lr"], p["warmup"], p["pretrain_wd"], "pretrain base", progress)
+        save_model(base, tok, out / "base")
+        losses["base"] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:])}
     timings["base"] = time.perf_counter() - t
+    if base_only:
+        return {"timings_s": timings, "train_loss": losses, "base_only": True}
+    # Fine-tunes start from the saved base, whether just trained or reused: one path, same bytes.
+    base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
 
     # Full fine-tunes: every parameter trained, loss on response tokens only.
     for i, task in enumerate(tasks.TASKS):
@@ -147,7 +213,7 @@ def _build(out: Path, recipe: dict, progress: bool) -> dict:
         model = copy.deepcopy(base)
         encoded = encode_examples(tok, splits[task]["train"])
         batches = sft_batches(encoded, tok.pad_token_id, p["finetune_batch"], seed + 1 + i)
-        curve = train_loop(model, batches, p["finetune_steps"], p["finetune_lr"], p["warmup"], p["finetune_wd"], f"fine-tune {task}", progress, p["finetune_stop_loss"])
+        curve = train_loop(model, batches, p["finetune_steps"], p["finetune_lr"], p["warmup"], p["finetune_wd"], f"fine-tune {task}", progress, p["finetune_stop_loss"], p["finetune_max_steps"])
         save_model(model, tok, out / task)
         losses[task] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:]), "steps": len(curve)}
         timings[task] = time.perf_counter() - t
@@ -163,8 +229,17 @@ def build_zoo(
     progress: bool = True,
     overrides: dict | None = None,
     threads: int = 1,
+    kind: str = "hard",
+    hard_zoo: str | Path | None = None,
+    base_only: bool = False,
 ) -> Path:
     """Builds (or reuses) the demo zoo in ``out_dir`` and returns its path.
+
+    ``kind`` is ``hard`` (each task in its own prompt format, fine-tunes trained to their
+    target loss) or ``chat`` (one chat template, fixed epochs; see slta.zoo.chat). A chat zoo
+    starts from the hard zoo of the same size and seed, built (or reused) in ``hard_zoo``
+    (default: ``hard-seedN`` beside ``out_dir``); only its base is needed, so a hard zoo that
+    is not there is built with ``base_only`` (no fine-tunes) and completed later if asked for.
 
     The zoo is rebuilt only when ``force`` is set or the recipe (size preset, ``overrides``
     of its hyper-parameters, seed, generator version) differs from the stored one.
@@ -173,9 +248,15 @@ def build_zoo(
     threads measured 3-4x slower than 1 (13 vs 42 steps/s on the tiny model).
     """
     out_dir = Path(out_dir)
-    recipe = recipe_for(size, seed, overrides)
-    if not force and is_built(out_dir, recipe):
+    recipe = recipe_for(size, seed, overrides, kind)
+    if not force and (is_built(out_dir, recipe) or (base_only and has_base(out_dir, recipe))):
         return out_dir
+    hard_dir = None
+    if kind == "chat":
+        hard_dir = Path(hard_zoo) if hard_zoo else out_dir.with_name(f"hard-seed{seed}")
+        hard = hard_recipe_of(recipe)
+        build_zoo(hard_dir, size, seed, progress=progress, threads=threads, base_only=True,
+                  overrides={k: v for k, v in (overrides or {}).items() if k in hard["params"]})
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "zoo.json").exists():
         raise FileExistsError(f"{out_dir} exists and is not a zoo (no zoo.json); refusing to overwrite it")
     check_output(out_dir, overwrite=True)  # never the working directory or a parent of it (rebuilds delete it)
@@ -189,9 +270,18 @@ def build_zoo(
     tmp = out_dir.with_name(out_dir.name + ".tmp-build")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    reuse = out_dir / "base" if kind == "hard" and not force and has_base(out_dir, recipe) else None
     try:
-        meta = _build(tmp, recipe, progress)
-        meta = {"recipe": recipe, "recipe_hash": recipe_hash(recipe), "torch_threads": torch.get_num_threads(), **meta}
+        if kind == "chat":
+            meta = build_chat(tmp, recipe, hard_dir, make_data(hard_recipe_of(recipe)), progress, write_jsonl, save_model,
+                              previous=None if force else out_dir)
+            meta["hard_zoo"] = {"path": str(hard_dir), "recipe_hash": recipe_hash(hard_recipe_of(recipe))}
+        else:
+            meta = _build(tmp, recipe, progress, base_only, reuse)
+            meta["base_hash"] = base_hash(recipe)
+        # A base-only folder is not a built zoo: no recipe hash, so is_built stays false.
+        done = recipe_hash(recipe) if not meta.get("base_only") else None
+        meta = {"recipe": recipe, "recipe_hash": done, "torch_threads": torch.get_num_threads(), **meta}
         (tmp / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -47,12 +47,17 @@ def train_loop(
     desc: str,
     progress: bool = True,
     stop_loss: float | None = None,
+    max_steps: int | None = None,
 ) -> list[float]:
-    """AdamW with linear warmup then cosine decay to 10% of lr; returns the loss per step.
+    """AdamW with linear warmup then cosine decay to 10% of lr over ``steps``; returns the loss per step.
 
     With ``stop_loss`` training stops once the mean loss of the last 50 steps is below it:
     a converged fine-tune keeps drifting under Adam (normalized noise steps) and every
-    extra step only adds noise to its task vector.
+    extra step only adds noise to its task vector. With ``max_steps`` > ``steps`` a run that
+    has not reached ``stop_loss`` after the schedule goes on at the final 10% lr up to
+    ``max_steps``: the target is the loss, not a step count (on a CPU whose float rounding
+    differs, the same recipe can need more steps). Runs that stop within ``steps`` are
+    unchanged by ``max_steps``.
     """
     # No weight decay on norms (1-d tensors), as usual for Llama-style training.
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -66,12 +71,13 @@ def train_loop(
     def lr_at(step: int) -> float:
         if step < warmup:
             return lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
+    total = max(steps, max_steps or 0) if stop_loss is not None else steps
+    bar = tqdm(range(total), desc=desc, disable=not progress, mininterval=1.0)
     for step in bar:
         input_ids, attention_mask, labels = get_batch(step)
         for group in opt.param_groups:
