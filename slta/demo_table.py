@@ -166,23 +166,10 @@ def write_summary(study: dict[str, Any], folder: Path) -> None:
 
 
 def accuracy_bars(rows: list[tuple[str, list[Cell]]], title: str, path: Path) -> None:
-    import matplotlib
+    """The accuracy chart (slta.figures: a colour per method, grouped by family, slta hatched). The
+    error bar is the zoo spread where there is one, else the calibration spread."""
+    from slta.figures import accuracy_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    width = 0.8 / len(rows)
-    x = np.arange(len(COMBOS))
-    for k, (name, cells) in enumerate(rows):
-        means = [0.0 if math.isnan(c[0]) else c[0] for c in cells]
-        # the error bar is the zoo spread where there is one, else the calibration spread
-        errs = [(c[1] if c[1] is not None else c[2]) or 0 for c in cells]
-        ax.bar(x + k * width, means, width, yerr=errs if any(errs) else None, label=name, capsize=2)
-    ax.set_xticks(x + width * (len(rows) - 1) / 2, [" & ".join(c) for c in COMBOS])
-    ax.set_ylabel("average exact match (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    bars = [(name, [(0.0 if math.isnan(c[0]) else c[0], c[1] if c[1] is not None else c[2]) for c in cells])
+            for name, cells in rows]
+    accuracy_chart(bars, [" & ".join(c) for c in COMBOS], title, path)
