@@ -53,7 +53,7 @@ def test_multi_zoo_table_aggregates_across_zoos_and_calibration_seeds():
 
 def test_tiny_demo_end_to_end(tmp_path):
     zoo, out = tmp_path / "zoo", tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo", str(zoo),
+    proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "both", "--zoo", str(zoo),
                            "--out", str(out), "-q"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = json.loads((out / "report" / "results.json").read_text())
@@ -79,7 +79,7 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert "== chat kind" in proc.stdout and "slta Attn/MLP Level" in proc.stdout
 
     # a rerun reuses every cached merge and evaluation
-    again = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo", str(zoo),
+    again = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "both", "--zoo", str(zoo),
                             "--out", str(out), "-q"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     for kind in ("hard", "chat"):
