@@ -17,6 +17,10 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slta.inputs import Inputs
 
 log = logging.getLogger("slta")
 
@@ -100,3 +104,31 @@ def load_task(path: str | Path, tokenizer, num_samples: int, seed: int, max_leng
         log.warning("%s%s: %d of %d samples were longer than max_length=%d tokens and were cut",
                     who, path, truncated, len(chosen), max_length)
     return TaskSamples(Path(path), ids, chosen, truncated)
+
+
+# -- a merge's calibration: every task's file, with the base's tokenizer ------------------------------
+
+def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
+    """Every task's calibration samples as token ids, with the base's tokenizer: (ids per task, the
+    line indices drawn per task). Ids beyond the model's vocabulary are a MergeError."""
+    from transformers import AutoTokenizer
+
+    from slta.inputs import MergeError
+
+    cfg = ins.cfg
+    try:
+        tok = AutoTokenizer.from_pretrained(ins.base.folder, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise MergeError(f"{ins.base.label}: cannot load its tokenizer from {ins.base.folder} ({e})") from e
+    tasks, indices = [], []
+    for entry in cfg.models:
+        ts = load_task(cfg.path(entry.data), tok, cfg.param("num_samples"), cfg.param("seed"),
+                       cfg.param("max_length"), label=f"model {entry.model}")
+        for ids in ts.ids:
+            bad = [t for t in ids if t >= ins.hf_config.vocab_size]
+            if bad:
+                raise MergeError(f"model {entry.model}: {entry.data} tokenizes to id {bad[0]} >= vocab_size "
+                                 f"{ins.hf_config.vocab_size}: the tokenizer does not match the model")
+        tasks.append(ts.ids)
+        indices.append(ts.indices)
+    return tasks, indices
