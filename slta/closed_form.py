@@ -1,7 +1,7 @@
 """The closed-form method (`merge_method: slta`; paper Algorithm 1) as a client of the engine.
 
 For each layer the T+1 weight versions run on every task's base-model inputs, the per-sample Grams
-of the feature differences are accumulated (slta.features, Eq. 9-11), α is solved per module in
+of the feature differences are accumulated (slta.features; the terms of Eq. 14), α is solved per module in
 closed form (slta.solve, Eq. 12-14; balanced Eq. 33-34), and the merged tensors are written
 (slta.write, Eq. 1). The base output becomes the next layer's input. At model granularity the one α
 is known only after the last layer, so a second pass writes every tensor.

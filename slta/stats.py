@@ -1,6 +1,6 @@
 """The statistics file and `slta solve`: measure once, solve many.
 
-A closed-form merge saves every module's per-sample Grams (the sufficient statistics of Eq. 9-14)
+A closed-form merge saves every module's per-sample Grams (the sufficient statistics of Eq. 12-14)
 with each sample's task in OUT/slta_stats.safetensors. `slta solve` re-solves α from them for any
 subset of the models, plain (Eq. 12-14) or balanced (Eq. 33-34), and writes the merge: no forward
 pass, only the T+1 checkpoints are read again.
