@@ -21,6 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import slta
+
 SPLIT_NAMES = ("test", "val", "validation", "calib", "train", "dev")
 
 
@@ -210,3 +212,6 @@ def eval_main(
         }
         Path(out).write_text(json.dumps(payload, indent=2) + "\n")
     return scores
+
+
+slta._as_command(__name__)  # `slta.evaluate(...)` runs evaluate (see slta/__init__.py)

@@ -102,3 +102,6 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     return out
 
 
+
+
+slta._as_command(__name__)  # `slta.merge(...)` runs run_merge (see slta/__init__.py)

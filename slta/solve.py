@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import slta
+
 DEFAULT_RCOND = 1e-9
 
 
@@ -105,3 +107,6 @@ def solve_module(grams: np.ndarray, tasks: np.ndarray, balance: bool = True, mod
     if not np.all(np.isfinite(alpha)):  # cannot happen with finite Grams; guard the promise anyway
         raise FloatingPointError(f"non-finite α {alpha} (A={A}, b={b})")
     return Solution(alpha, rule, rank, cond, A, b, skipped)
+
+
+slta._as_command(__name__)  # `slta.solve(...)` runs slta.stats.run_solve (see slta/__init__.py)
