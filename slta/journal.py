@@ -1,6 +1,8 @@
 """The resume journal of `slta merge --resume`: which tensor groups of OUT.partial are durably written,
 and for the closed form the modules solved and the Gram statistics gathered so far. The work per
-layer is deterministic, so a resumed run writes the same bytes as an uninterrupted one.
+layer is deterministic, so a resumed run writes the same bytes as an uninterrupted one. The journal
+records the inputs' fingerprints (slta.output.input_fingerprint): a partial merge of inputs that
+changed since is refused, never continued with a mix of old and new layers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
+
+from slta.inputs import MergeError
 
 if TYPE_CHECKING:
     from slta.checkpoint import ShardedWriter
@@ -27,8 +31,8 @@ class Journal:
 
     FILE, GRAMS = "slta_progress.json", "slta_progress_grams.safetensors"
 
-    def __init__(self, folder: Path | None, fingerprint: str):
-        self.folder, self.fingerprint = folder, fingerprint
+    def __init__(self, folder: Path | None, fingerprint: str, inputs: dict[str, str] | None = None):
+        self.folder, self.fingerprint, self.inputs = folder, fingerprint, inputs
         self.done: list[str] = []
         self.modules: dict[str, dict] = {}
         if folder is None or not (folder / self.FILE).exists():
@@ -39,6 +43,13 @@ class Journal:
             for f in folder.iterdir():
                 f.unlink() if f.is_file() else shutil.rmtree(f)
             return
+        old = saved.get("inputs")
+        if inputs is not None and old is not None and old != inputs:
+            changed = [p for p in sorted(set(old) | set(inputs)) if old.get(p) != inputs.get(p)]
+            raise MergeError(f"{folder} holds a partial merge of inputs that changed since: {changed[0]}"
+                             + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+                             + f"; its finished layers cannot be mixed with new ones: delete {folder} to start "
+                             "over, or run without --resume")
         self.done, self.modules = saved["done"], saved.get("modules", {})
         if self.done:
             log.info("resuming: %d of the tensor groups were already written (%s ... %s)", len(self.done),
@@ -70,7 +81,8 @@ class Journal:
         self.done.append(label)
         self.modules.update(modules or {})
         tmp = self.folder / (self.FILE + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done, "modules": self.modules}))
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "inputs": self.inputs, "done": self.done,
+                                   "modules": self.modules}))
         tmp.replace(self.folder / self.FILE)
 
     def close(self) -> None:

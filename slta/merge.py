@@ -26,7 +26,7 @@ from slta.checkpoint import ShardedWriter, dtype_name, parse_size
 from slta.config import ConfigError, MergeConfig, load_config as load_merge_config
 from slta.inputs import input_paths, open_inputs, output_bytes, resolve_device
 from slta.journal import Journal
-from slta.output import atomic_output, check_output, finish_folder
+from slta.output import atomic_output, check_output, finish_folder, input_fingerprints
 
 # Re-exports: where each of the old slta.merge names lives now.
 from slta.calibration import calibration  # noqa: E402,F401
@@ -69,7 +69,8 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     with atomic_output(out, overwrite, resume=resumable, inputs=input_paths(cfg), needed=needed) as tmp:
         fingerprint = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), dtype_name(ins.out_dtype),
                                                  str(shard_size), slta.__version__], sort_keys=True).encode()).hexdigest()
-        journal = Journal(tmp if resumable else None, fingerprint)
+        inputs = input_fingerprints(input_paths(cfg).values()) if resumable else None
+        journal = Journal(tmp if resumable else None, fingerprint, inputs)
         writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
                                parse_size(shard_size), resume=journal.resuming)
         for label, group in layer_groups(plan):

@@ -30,7 +30,7 @@ import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 if TYPE_CHECKING:
     from slta.config import MergeConfig
@@ -42,6 +42,7 @@ log = logging.getLogger("slta")
 # replaces such a folder, or an empty one, and nothing else.
 OUTPUT_MARKERS = ("slta_report.json", "config.json", "linearity.json", "zoo.json", "model.safetensors",
                   "model.safetensors.index.json")
+SAMPLE_BLOCKS, SAMPLE_BYTES = 8, 1 << 16  # input_fingerprint: blocks of each weight file hashed
 SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 ACCESS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -295,6 +296,37 @@ def fingerprint(folder: Path) -> str:
         elif f.name == "config.json" or f.name.endswith(".index.json"):
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def input_fingerprint(path: str | Path) -> str:
+    """What a saved result depends on, cheaply: for a model folder its `fingerprint` plus the sha256 of
+    SAMPLE_BLOCKS evenly spaced blocks of every weight file (a retrained fine-tune keeps its
+    safetensors header, not its bytes); for a file (calibration data, statistics) its sha256."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256(fingerprint(path).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin"):
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                for k in range(SAMPLE_BLOCKS):
+                    fh.seek(max(0, size - SAMPLE_BYTES) * k // (SAMPLE_BLOCKS - 1))
+                    h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def input_fingerprints(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Resolved path -> `input_fingerprint`, for every path that exists."""
+    return {str(Path(p).resolve()): input_fingerprint(p) for p in paths if Path(p).exists()}
+
+
+def changed_inputs(saved: Mapping[str, str], paths: Iterable[str | Path] | None = None) -> list[str]:
+    """The paths among `saved` (or only those in `paths`) whose fingerprint differs now."""
+    wanted = None if paths is None else {str(Path(p).resolve()) for p in paths}
+    todo = [p for p in saved if wanted is None or p in wanted]
+    now = input_fingerprints(todo)
+    return [p for p in todo if p in now and now[p] != saved[p]]
 
 
 def file_sha256(path: Path) -> str:

@@ -22,8 +22,8 @@ from slta.architecture import Plan, build_plan
 from slta.checkpoint import ShardedWriter, parse_size
 from slta.closed_form import SltaResult
 from slta.config import MergeConfig, load_config as load_merge_config
-from slta.inputs import Inputs, MergeError, open_inputs, output_bytes
-from slta.output import atomic_output, check_output, finish_folder
+from slta.inputs import Inputs, MergeError, input_paths, open_inputs, output_bytes
+from slta.output import atomic_output, changed_inputs, check_output, finish_folder, input_fingerprints
 from slta.solve import solve_module
 from slta.write import write_alphas
 
@@ -44,6 +44,7 @@ def write_stats(path: Path, cfg: MergeConfig, ins: Inputs, plan: Plan, res: Slta
         "sample_indices": res.sample_indices,
         "config": cfg.model_dump(mode="json"),
         "slta_version": slta.__version__,
+        "inputs": input_fingerprints(input_paths(cfg).values()),  # compared by `slta solve`
     }
     save_file(tensors, str(path), metadata={"slta": json.dumps(meta)})
 
@@ -82,6 +83,13 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
     if not models or any(not 0 <= m < T for m in models) or len(set(models)) != len(models):
         raise MergeError(f"--models must be distinct indices in 0..{T - 1} (the statistics hold {T} models: "
                          + ", ".join(f"{i}={p}" for i, p in enumerate(meta["models"])) + ")")
+    used = [meta["base_model"], *(meta["models"][m] for m in models), *(meta["data"][m] for m in models)]
+    changed = changed_inputs(meta.get("inputs") or {}, used)
+    if changed:
+        raise MergeError(f"statistics {stats}: {changed[0]} changed since the statistics were measured"
+                         + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+                         + "; solving would mix old statistics with new weights or data: run `slta merge` "
+                         "again to measure them")
     raw = dict(meta["config"])
     raw["base_model"] = meta["base_model"]
     raw["models"] = [{**raw["models"][m], "model": meta["models"][m], "data": meta["data"][m]} for m in models]
