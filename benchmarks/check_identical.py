@@ -1,6 +1,6 @@
 """Byte-identity check: the outputs of every method with the code at a git commit vs the working tree.
 
-    OMP_NUM_THREADS=1 python benchmarks/check_identical.py --ref b5ddb66 [--work /tmp/slta_identical]
+    OMP_NUM_THREADS=1 python benchmarks/check_identical.py --ref b5ddb66 [--new COMMIT] [--work /tmp/slta_identical]
 
 Builds the fixtures once (the tiny zoo, `slta zoo build DIR --size tiny`, and two tiny test families
 from tests/tiny.py: an untied Llama and a tied Qwen2), then runs, in one child process per code
@@ -159,6 +159,7 @@ def compare(a: Path, b: Path) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", default="b5ddb66", help="git commit to compare against (default b5ddb66)")
+    ap.add_argument("--new", default=None, help="git commit to check (default: the working tree)")
     ap.add_argument("--work", default="/tmp/slta_identical", help="scratch folder (fixtures are reused)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -166,14 +167,15 @@ def main() -> int:
     fixtures = build_fixtures(work)
     cfg_file = work / "configs.json"
     cfg_file.write_text(json.dumps(configs(fixtures), indent=1))
-    ref_tree = work / "ref-tree"
-    if ref_tree.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(ref_tree)], check=False)
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(ref_tree), a.ref], check=True,
-                   capture_output=True)
+    trees = {"ref": (work / "ref-tree", a.ref), **({"new": (work / "new-tree", a.new)} if a.new else {})}
+    for tree, commit in trees.values():
+        if tree.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit], check=True,
+                       capture_output=True)
     try:
         results = {}
-        for label, code in (("ref", ref_tree), ("new", ROOT)):
+        for label, code in (("ref", trees["ref"][0]), ("new", trees["new"][0] if a.new else ROOT)):
             out = work / "out" / label
             subprocess.run(["rm", "-rf", str(out)], check=True)
             out.mkdir(parents=True)
@@ -181,13 +183,14 @@ def main() -> int:
             results[label] = out
         problems, n = compare(results["ref"], results["new"])
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(ref_tree)], check=False)
+        for tree, _ in trees.values():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     runs = len(list(results["ref"].iterdir()))
     if problems:
         print(f"NOT identical: {len(problems)} of {n} files in {runs} output folders differ")
         print("\n".join(problems))
         return 1
-    print(f"identical: {n} files in {runs} output folders (ref {a.ref} vs working tree)")
+    print(f"identical: {n} files in {runs} output folders (ref {a.ref} vs {a.new or 'the working tree'})")
     return 0
 
 
