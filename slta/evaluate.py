@@ -27,6 +27,7 @@ SPLIT_NAMES = ("test", "val", "validation", "calib", "train", "dev")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL task file (blank lines skipped); a bad line is a ValueError naming path:line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
