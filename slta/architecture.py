@@ -38,7 +38,7 @@ ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layer
 
 
 class ArchitectureError(ValueError):
-    pass
+    """The model folder cannot be read, or its architecture is not supported."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class Part:
 
 @dataclass
 class Module:
+    """A submodule with its own α (paper Eq. 10-14): the tensors, or slices of tensors, it owns."""
+
     name: str  # e.g. "embed", "layers.3.attn", "layers.3.head.1", "head", "model"
     kind: str  # embed | head | embed_head | model | lm_head | layer | attn | mlp | attn_head | linear
     layer: int | None
@@ -63,6 +65,8 @@ class Module:
 
 @dataclass
 class Plan:
+    """The cut of a model into modules at one granularity, and the order the tensors are written in."""
+
     config: PretrainedConfig
     granularity: str
     modules: list[Module]
@@ -70,16 +74,20 @@ class Plan:
 
     @property
     def num_layers(self) -> int:
+        """Number of decoder layers."""
         return self.config.num_hidden_layers
 
     @property
     def tied(self) -> bool:
+        """Whether lm_head shares the embedding's weights."""
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def layer_modules(self, i: int) -> list[Module]:
+        """The modules of decoder layer i."""
         return [m for m in self.modules if m.layer == i]
 
     def by_name(self) -> dict[str, Module]:
+        """Module name -> module."""
         return {m.name: m for m in self.modules}
 
     def tensor_parts(self) -> dict[str, list[tuple[Part, str]]]:
@@ -92,6 +100,8 @@ class Plan:
 
 
 def load_config(folder: str | Path, label: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A model folder's transformers config, with one-line errors naming `label` for a missing folder,
+    a missing or unreadable config.json, or an unsupported architecture."""
     folder = Path(folder)
     label = label or str(folder)
     if not folder.is_dir():
@@ -110,11 +120,13 @@ def load_config(folder: str | Path, label: str | None = None, trust_remote_code:
 
 
 def config_differences(a: PretrainedConfig, b: PretrainedConfig) -> list[str]:
+    """The architecture keys (ARCH_KEYS) on which two configs differ, as "key: a vs b"."""
     da, db = a.to_dict(), b.to_dict()
     return [f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in ARCH_KEYS if da.get(k) != db.get(k)]
 
 
 def head_dim(config: PretrainedConfig) -> int:
+    """Attention head size (explicit `head_dim`, else hidden_size / num_attention_heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -127,6 +139,7 @@ def skeleton(config: PretrainedConfig, attn_implementation: str = "sdpa") -> tor
 
 
 def layer_prefix(i: int) -> str:
+    """Tensor-name prefix of decoder layer i: "model.layers.{i}."."""
     return f"model.layers.{i}."
 
 
@@ -225,4 +238,5 @@ def _layer_modules(config: PretrainedConfig, i: int, tensors: list[str], granula
 
 
 def read_config_json(folder: str | Path) -> dict:
+    """A model folder's config.json as a dict (as written, not through transformers)."""
     return json.loads((Path(folder) / "config.json").read_text())

@@ -17,6 +17,10 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slta.inputs import Inputs
 
 log = logging.getLogger("slta")
 
@@ -123,3 +127,46 @@ def load_task(path: str | Path, tokenizer, num_samples: int, seed: int, max_leng
                         f"max_length={max_length} tokens and were cut")
         log.warning("%s", warnings[-1])
     return TaskSamples(Path(path), ids, chosen, truncated, warnings)
+
+
+# -- a merge's calibration: every task's file, with the base's tokenizer ------------------------------
+
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
+    """Every task's calibration samples as token ids, with the base's tokenizer: (ids per task, the
+    line indices drawn per task). Ids beyond the model's vocabulary are a MergeError; warnings (cut
+    samples, too few samples, max_length beyond the model's positions) go to `ins.warnings`."""
+    from transformers import AutoTokenizer
+
+    from slta.inputs import MergeError
+
+    cfg = ins.cfg
+    if not any((ins.base.folder / n).exists() for n in VOCAB_FILES):
+        raise MergeError(f"{ins.base.label}: no tokenizer in {ins.base.folder} (no {' or '.join(VOCAB_FILES[:2])}); "
+                         f"merge_method {cfg.method().name!r} tokenizes the calibration data with the base "
+                         f"model's tokenizer: copy the tokenizer files into that folder")
+    try:
+        tok = AutoTokenizer.from_pretrained(ins.base.folder, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers' messages run over many lines: keep the first
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise MergeError(f"{ins.base.label}: cannot load its tokenizer from {ins.base.folder} ({first})") from e
+    positions = getattr(ins.hf_config, "max_position_embeddings", None)
+    if "max_length" in cfg.parameters and positions and cfg.param("max_length") > positions:
+        ins.warnings.append(f"max_length={cfg.param('max_length')} exceeds the model's max_position_embeddings="
+                            f"{positions}: longer samples run past the positions it was trained on")
+        log.warning("%s", ins.warnings[-1])
+    tasks, indices = [], []
+    for entry in cfg.models:
+        ts = load_task(cfg.path(entry.data), tok, cfg.param("num_samples"), cfg.param("seed"),
+                       cfg.param("max_length"), label=f"model {entry.model}")
+        for ids in ts.ids:
+            bad = [t for t in ids if t >= ins.hf_config.vocab_size]
+            if bad:
+                raise MergeError(f"model {entry.model}: {entry.data} tokenizes to id {bad[0]} >= vocab_size "
+                                 f"{ins.hf_config.vocab_size}: the tokenizer does not match the model")
+        ins.warnings.extend(ts.warnings)
+        tasks.append(ts.ids)
+        indices.append(ts.indices)
+    return tasks, indices

@@ -157,15 +157,18 @@ class Checkpoint:
 
     # -- access ------------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """Every tensor name, in the checkpoint's order."""
         return list(self.file_of)
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
     def nbytes(self) -> int:
+        """Total size of the tensors in their stored dtypes."""
         return sum(math.prod(s) * _itemsize(self.dtypes[k]) for k, s in self.shapes.items())
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its file."""
         return self.get_many([name])[name]
 
     def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:

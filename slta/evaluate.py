@@ -22,10 +22,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import slta
+
 SPLIT_NAMES = ("test", "val", "validation", "calib", "train", "dev")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL task file (blank lines skipped); a bad line is a ValueError naming path:line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -245,3 +248,6 @@ def eval_main(
         }
         Path(out).write_text(json.dumps(payload, indent=2) + "\n")
     return scores
+
+
+slta._as_command(__name__)  # `slta.evaluate(...)` runs evaluate (see slta/__init__.py)

@@ -15,7 +15,7 @@ meta device and `torch.func.functional_call` supplies one version's weights at a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.func import functional_call
@@ -26,6 +26,9 @@ from slta.architecture import Module, Plan, head_dim, skeleton
 
 @dataclass
 class Batch:
+    """Calibration samples of one task, right-padded, with what every layer call needs (positions,
+    rotary embeddings, attention masks) and the hidden state entering the current layer."""
+
     task: int
     samples: list[int]  # global sample indices (rows of the Gram store)
     ids: torch.Tensor  # (b, s), right-padded
@@ -38,7 +41,8 @@ class Batch:
     hv: list[torch.Tensor] = field(default_factory=list)
 
 
-def layer_type(config, i: int) -> str:
+def layer_type(config: Any, i: int) -> str:
+    """Attention type of layer i: "full_attention" or "sliding_attention" (the mask it needs)."""
     types = getattr(config, "layer_types", None)
     if types:
         return types[i]
@@ -57,6 +61,7 @@ class Runner:
             self.rotary = rotary_cls(config=self.config).to(device)  # real inv_freq buffers
 
     def layer(self, i: int) -> torch.nn.Module:
+        """Decoder layer i of the meta-device skeleton."""
         return self.model.model.layers[i]
 
     # -- batches --------------------------------------------------------------------------------
@@ -96,6 +101,7 @@ class Runner:
                     position_embeddings=batch.position_embeddings, position_ids=batch.position_ids)
 
     def layer_out(self, i: int, p: dict[str, torch.Tensor], h: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Decoder layer i with weights p on hidden state h (the whole layer, residuals included)."""
         out = functional_call(self.layer(i), p, (h,), self._attn_kwargs(i, batch))
         return out[0] if isinstance(out, tuple) else out
 
@@ -108,6 +114,7 @@ class Runner:
         return functional_call(layer.self_attn, sub(p, "self_attn."), (x,), self._attn_kwargs(i, batch))[0]
 
     def mlp_out(self, i: int, p: dict[str, torch.Tensor], m: torch.Tensor) -> torch.Tensor:
+        """MLP block output (post-attention norm + MLP) on the attention residual m, before the residual add."""
         layer = self.layer(i)
         x = functional_call(layer.post_attention_layernorm, sub(p, "post_attention_layernorm."), (m,))
         return functional_call(layer.mlp, sub(p, "mlp."), (x,))
@@ -130,6 +137,7 @@ class Runner:
 
 
 def sub(p: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of p under `prefix`, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in p.items() if k.startswith(prefix)}
 
 
@@ -154,16 +162,19 @@ class GramStore:
         self.g[module][batch.samples] += torch.bmm(d, d.transpose(1, 2))  # (b, T, T), float64
 
     def add_gram(self, module: str, g: torch.Tensor, samples: list[int]) -> None:
+        """Add precomputed per-sample Grams (b, T, T) to the given samples' rows."""
         self.g[module][samples] += g
 
 
 def to_compute(p: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of p on the compute device and in the compute dtype."""
     return {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
 
 
 def layer_features(runner: Runner, i: int, modules: list[Module], versions: list[dict[str, torch.Tensor]],
                    batches: list[Batch], store: GramStore) -> None:
-    """Accumulate the Grams of layer i's modules and advance every batch's base hidden state.
+    """Accumulate the Grams of layer i's modules (G_x[b, c] = <Δf_b(x), Δf_c(x)>, the per-sample term
+    of Eq. 14) and advance every batch's base hidden state.
 
     `versions[v]` maps names relative to the layer ("self_attn.q_proj.weight", ...) to version v's
     weights on the compute device.

@@ -12,18 +12,29 @@ What a user can type wrong here costs files, so every command that writes a fold
 - Leftovers of killed runs to the same OUT (`.OUT.tmp-PID`, `.OUT.old-PID`, a stale
   `.OUT.partial`) are removed at the next run, with one line saying so.
 - Disk full and read-only targets are one-line errors that name OUT and the space needed.
+
+`finish_folder` completes a merged model's folder: config.json, tokenizer files, slta_report.json
+(with the inputs' fingerprints), the model card and, for slta, the α as a mergekit config.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import logging
 import os
+import platform
 import shutil
+import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+if TYPE_CHECKING:
+    from slta.config import MergeConfig
+    from slta.inputs import Inputs
 
 log = logging.getLogger("slta")
 
@@ -31,6 +42,7 @@ log = logging.getLogger("slta")
 # replaces such a folder, or an empty one, and nothing else.
 OUTPUT_MARKERS = ("slta_report.json", "config.json", "linearity.json", "zoo.json", "model.safetensors",
                   "model.safetensors.index.json")
+SAMPLE_BLOCKS, SAMPLE_BYTES = 8, 1 << 16  # input_fingerprint: blocks of each weight file hashed
 SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 ACCESS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -212,3 +224,118 @@ def _replace(tmp: Path, out: Path) -> None:
         old.rename(out)  # put the previous output back rather than leave none
         raise
     shutil.rmtree(old)
+
+
+# -- the finished folder: config, tokenizer, report, model card, input fingerprints -------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+def finish_folder(tmp: Path, ins: Inputs, cfg: MergeConfig, report: dict[str, Any]) -> None:
+    """config.json (dtype updated), tokenizer and generation files, report and model card."""
+    import numpy as np
+    import torch
+
+    import slta
+    from slta.architecture import read_config_json
+    from slta.checkpoint import dtype_name
+    from slta.config import ConfigError
+
+    if cfg.tokenizer_source not in (None, "base"):
+        raise ConfigError(f"tokenizer_source: only 'base' is supported, got {cfg.tokenizer_source!r}")
+    conf = read_config_json(ins.base.folder)
+    conf["dtype"] = dtype_name(ins.out_dtype)
+    conf.pop("torch_dtype", None)
+    (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    for name in TOKENIZER_FILES:
+        if (ins.base.folder / name).exists():
+            shutil.copy2(ins.base.folder / name, tmp / name)
+    full = {
+        "slta_version": slta.__version__,
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
+                     "safetensors": _version("safetensors"), "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "config": cfg.model_dump(mode="json"),
+        "base_model": str(ins.base.folder),
+        "models": [str(ck.folder) for ck in ins.tuned],
+        "inputs": {
+            "fingerprint_rule": "sha256 of config.json, file names, sizes and safetensors headers",
+            "checkpoints": {str(ck.folder): fingerprint(ck.folder) for ck in ins.all},
+            "calibration_sha256": {str(cfg.path(m.data)): file_sha256(cfg.path(m.data)) for m in cfg.models if m.data},
+        },
+        "dtype": dtype_name(ins.out_dtype),
+        **report,
+        "warnings": [*ins.warnings, *report.get("warnings", [])],
+    }
+    (tmp / "slta_report.json").write_text(json.dumps(full, indent=2) + "\n")
+    from slta.report import mergekit_config, model_card
+
+    (tmp / "README.md").write_text(model_card(full))
+    if full.get("modules") and full.get("method") == "slta":
+        mk = mergekit_config(full, ins.hf_config.num_hidden_layers, bool(getattr(ins.hf_config, "tie_word_embeddings", False)))
+        if mk is not None:  # the solved α as a mergekit task_arithmetic config, for mergekit pipelines
+            import yaml
+
+            (tmp / "mergekit_config.yml").write_text(yaml.safe_dump(mk, sort_keys=False))
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 of a checkpoint's config.json, file names, sizes and safetensors headers (which hold every
+    tensor's name, dtype, shape and byte range). Not of the full content: that would mean reading
+    every checkpoint a second time."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                h.update(fh.read(n))
+        elif f.name == "config.json" or f.name.endswith(".index.json"):
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def input_fingerprint(path: str | Path) -> str:
+    """What a saved result depends on, cheaply: for a model folder its `fingerprint` plus the sha256 of
+    SAMPLE_BLOCKS evenly spaced blocks of every weight file (a retrained fine-tune keeps its
+    safetensors header, not its bytes); for a file (calibration data, statistics) its sha256."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256(fingerprint(path).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".bin"):
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                for k in range(SAMPLE_BLOCKS):
+                    fh.seek(max(0, size - SAMPLE_BYTES) * k // (SAMPLE_BLOCKS - 1))
+                    h.update(fh.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def input_fingerprints(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Resolved path -> `input_fingerprint`, for every path that exists."""
+    return {str(Path(p).resolve()): input_fingerprint(p) for p in paths if Path(p).exists()}
+
+
+def changed_inputs(saved: Mapping[str, str], paths: Iterable[str | Path] | None = None) -> list[str]:
+    """The paths among `saved` (or only those in `paths`) whose fingerprint differs now."""
+    wanted = None if paths is None else {str(Path(p).resolve()) for p in paths}
+    todo = [p for p in saved if wanted is None or p in wanted]
+    now = input_fingerprints(todo)
+    return [p for p in todo if p in now and now[p] != saved[p]]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content (calibration files are small)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)

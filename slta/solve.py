@@ -23,11 +23,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import slta
+
 DEFAULT_RCOND = 1e-9
 
 
 @dataclass
 class Solution:
+    """One module's α with the solver's diagnostics: the rule used, the rank and condition number of
+    A, the system itself (A α = b, Eq. 13) and, balanced, the samples left out (zero denominator)."""
+
     alpha: np.ndarray
     rule: str  # "exact" | "min-norm" | "zero"
     rank: int
@@ -37,6 +42,7 @@ class Solution:
     skipped_samples: int = 0  # balanced: samples whose every feature difference is zero
 
     def to_json(self) -> dict:
+        """The report's entry for the module (A and b left out)."""
         return {"alpha": [float(a) for a in self.alpha], "rule": self.rule, "rank": self.rank,
                 "cond": float(self.cond) if np.isfinite(self.cond) else None,
                 "skipped_samples": self.skipped_samples}
@@ -74,6 +80,9 @@ def objective(grams: np.ndarray, tasks: np.ndarray, balance: bool) -> tuple[np.n
 
 
 def solve_system(A: np.ndarray, b: np.ndarray, rcond: float = DEFAULT_RCOND) -> tuple[np.ndarray, str, int, float]:
+    """α = A⁻¹ b (Eq. 12) for symmetric PSD A by eigen-decomposition: exact when every eigenvalue
+    exceeds rcond * λ_max, else the minimum-norm least-squares solution; A = 0 gives α = 0.
+    Returns (α, rule, rank, condition number)."""
     A = (A + A.T) / 2  # exact symmetry; removes float round-off asymmetry
     evals, evecs = np.linalg.eigh(A)
     top = float(evals[-1]) if evals.size else 0.0
@@ -90,9 +99,14 @@ def solve_system(A: np.ndarray, b: np.ndarray, rcond: float = DEFAULT_RCOND) -> 
 
 def solve_module(grams: np.ndarray, tasks: np.ndarray, balance: bool = True, models: list[int] | None = None,
                  rcond: float = DEFAULT_RCOND) -> Solution:
+    """α of one module from its per-sample Grams (N, T, T) and each sample's task: Eq. 12-14, or
+    balanced Eq. 33-34; `models` solves for a subset of the fine-tunes (see `restrict`)."""
     g, t = restrict(np.asarray(grams), np.asarray(tasks), models)
     A, b, skipped = objective(g, t, balance)
     alpha, rule, rank, cond = solve_system(A, b, rcond)
     if not np.all(np.isfinite(alpha)):  # cannot happen with finite Grams; guard the promise anyway
         raise FloatingPointError(f"non-finite α {alpha} (A={A}, b={b})")
     return Solution(alpha, rule, rank, cond, A, b, skipped)
+
+
+slta._as_command(__name__)  # `slta.solve(...)` runs slta.stats.run_solve (see slta/__init__.py)

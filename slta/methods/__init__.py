@@ -4,9 +4,9 @@ Two kinds of method exist:
 
 * data-free methods (task_arithmetic, linear, ties, dare, ...) merge one tensor at a time
   from the base tensor and the T fine-tuned tensors. They implement :class:`TensorMethod`
-  and the streaming driver (``slta.merge``) feeds them tensor by tensor.
+  and the streaming engine (``slta.engine``, client ``slta.data_free``) feeds them tensor by tensor.
 * data-driven methods (``slta``, ``regmean``) need calibration data and a streamed base
-  forward pass; the driver runs them through their own code paths and they are only
+  forward pass; they run as their own engine clients (slta.closed_form, slta.regmean_stream) and are only
   registered here by name so that config validation knows them.
 """
 
@@ -70,7 +70,7 @@ def names() -> list[str]:
 # Importing the method modules registers them.
 from slta.methods import breadcrumbs, consensus_ta, dare, linear, regmean, task_arithmetic, ties  # noqa: E402,F401
 
-# Data-driven methods: implemented by the driver (slta.merge / slta.methods.regmean).
+# Data-driven methods: implemented by engine clients (slta.closed_form / slta.regmean_stream).
 register(
     Method(
         name="slta",

@@ -1,0 +1,198 @@
+"""The closed-form method (`merge_method: slta`; paper Algorithm 1) as a client of the engine.
+
+For each layer the T+1 weight versions run on every task's base-model inputs, the per-sample Grams
+of the feature differences are accumulated (slta.features; the terms of Eq. 14), α is solved per module in
+closed form (slta.solve, Eq. 12-14; balanced Eq. 33-34), and the merged tensors are written
+(slta.write, Eq. 1). The base output becomes the next layer's input. At model granularity the one α
+is known only after the last layer, so a second pass writes every tensor.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from slta.architecture import Plan, layer_prefix
+from slta.calibration import calibration
+from slta.checkpoint import ShardedWriter
+from slta.config import MergeConfig
+from slta.engine import ROW_BLOCK, Client, Loaded, Stream, walk
+from slta.inputs import Inputs, check_finite
+from slta.journal import Journal
+from slta.solve import Solution, solve_module
+from slta.write import write_alpha_tensors, write_alphas
+
+if TYPE_CHECKING:  # slta.features imports transformers' attention code (~1 s): only the closed form needs it
+    from slta.features import Batch, GramStore, Runner
+
+
+@dataclass
+class SltaResult:
+    """α per module, the per-sample Grams (the sufficient statistics), each sample's task, the
+    calibration lines drawn per task, and timings."""
+
+    solutions: dict[str, Solution]
+    grams: dict[str, torch.Tensor]
+    tasks: np.ndarray
+    sample_indices: list[list[int]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class ClosedForm(Client):
+    """Accumulates each module's Grams on the base inputs, solves α per module and writes the layer."""
+
+    desc = "slta: layers"
+
+    def __init__(self, ins: Inputs, plan: Plan, writer: ShardedWriter | None, stream: Stream, store: GramStore,
+                 task_of: np.ndarray, journal: Journal):
+        self.ins, self.plan, self.writer, self.stream, self.store = ins, plan, writer, stream, store
+        self.task_of, self.journal = task_of, journal
+        self.balance, self.rcond = ins.cfg.param("balance"), 1e-9
+        self.model_level = plan.granularity == "model"
+        self.sols: dict[str, Solution] = {}
+        self.alphas: dict[str, np.ndarray] = {}
+        for name, info in journal.modules.items():  # resuming: the modules solved so far
+            self.sols[name] = Solution(np.array(info["alpha"]), info["rule"], info["rank"],
+                                       float("inf") if info["cond"] is None else info["cond"], np.zeros(0),
+                                       np.zeros(0), info["skipped_samples"])
+            self.alphas[name] = self.sols[name].alpha
+
+    def reads(self, label: str) -> bool:
+        return label not in ("embed", "head")  # read in row blocks by their own stages
+
+    def done(self, label: str) -> bool:
+        return label in self.journal.done
+
+    def solve(self, name: str) -> None:
+        """α of one module from its Grams (Eq. 12-14; balanced: Eq. 33-34)."""
+        self.sols[name] = solve_module(self.store.g[name].cpu().numpy(), self.task_of, self.balance, rcond=self.rcond)
+        self.alphas[name] = self.sols[name].alpha
+
+    def mark(self, label: str, names: list[str]) -> None:
+        """Record a written group, its solved modules and the Grams so far in the resume journal."""
+        if self.writer is not None:
+            self.journal.mark(label, self.writer, {n: self.sols[n].to_json() for n in names}, self.store.g)
+
+    def embed(self, names: list[str], loaded: Loaded | None) -> None:
+        self.stream.embed(self.store, self.model_level)
+        if not self.model_level and not self.plan.tied:
+            self.solve("embed")
+            if self.writer:
+                write_alpha_tensors(self.ins, self.plan, self.writer, self.alphas, names)
+            self.mark("embed", ["embed"])
+        elif not self.model_level:
+            self.mark("embed", [])
+
+    def layer(self, i: int, names: list[str], loaded: Loaded | None) -> None:
+        from slta.features import layer_features, sub, to_compute
+
+        runner, batches = self.stream.runner, self.stream.batches
+        versions = [to_compute(sub(g, layer_prefix(i)), runner.device, runner.dtype) for g in loaded]
+        if self.model_level:  # every version's own hidden state: Grams of the final features only
+            for batch in batches:
+                batch.hv = [runner.layer_out(i, p, h, batch) for p, h in zip(versions, batch.hv)]
+            for batch in batches:
+                batch.h = batch.hv[0]  # layer i+1's (base) input
+        else:  # Grams of layer i's modules; advances every batch's h to the base output
+            layer_features(runner, i, self.plan.layer_modules(i), versions, batches, self.store)
+            for m in self.plan.layer_modules(i):
+                self.solve(m.name)
+            if self.writer:
+                write_alpha_tensors(self.ins, self.plan, self.writer, self.alphas, names, loaded)
+            self.mark(f"layer {i}", [m.name for m in self.plan.layer_modules(i)])
+        del versions
+
+    def head(self, names: list[str], loaded: Loaded | None) -> None:
+        tied = self.plan.tied
+        head_stage(self.ins, self.plan, self.stream.runner, self.stream.batches, self.store, self.model_level)
+        if self.model_level:
+            finals = ["model"] + ([] if tied else ["lm_head"])
+        else:
+            finals = ["embed_head"] if tied else ["head"]
+        for name in finals:
+            self.solve(name)
+        if self.writer and not self.model_level:
+            write_alpha_tensors(self.ins, self.plan, self.writer, self.alphas,
+                                ([self.plan.tensor_order[0]] if tied else []) + names)
+
+
+def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, device: torch.device,
+                      progress: bool = True, compute_dtype: torch.dtype = torch.float32,
+                      journal: Journal | None = None) -> SltaResult:
+    """Stream the layers, accumulate Grams, solve α per module and (if a writer is given) write."""
+    from slta.features import GramStore
+
+    cfg = ins.cfg
+    T = len(ins.tuned)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    tasks, indices = calibration(ins)
+    timings["calibration"] = time.perf_counter() - t0
+    stream = Stream.open(ins, plan, tasks, device, compute_dtype, cfg.param("batch_size"))
+    N = sum(len(t) for t in tasks)
+    task_of = np.concatenate([np.full(len(t), k, dtype=np.int64) for k, t in enumerate(tasks)])
+    store = GramStore([m.name for m in plan.modules], N, T, device)
+    journal = journal or Journal(None, "")
+    for name, g in journal.grams().items():  # resuming: the statistics gathered so far
+        store.g[name].copy_(g.to(device))
+    client = ClosedForm(ins, plan, writer, stream, store, task_of, journal)
+    t_feat = time.perf_counter()
+    walk(ins, plan, client, progress, show_label=True)  # a reader thread loads layer i+1 while layer i computes
+    timings["features_and_solve"] = time.perf_counter() - t_feat
+    if client.model_level and writer:  # α is known only now: a second pass writes every tensor
+        t_w = time.perf_counter()
+        write_alphas(ins, plan, writer, client.alphas, progress, "slta: writing")
+        timings["write"] = time.perf_counter() - t_w
+    return SltaResult(client.sols, {k: v.cpu() for k, v in store.g.items()}, task_of, indices, timings)
+
+
+def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore,
+               model_level: bool) -> None:
+    """Output head features: logits = lm_head(norm(h)), vocab in row blocks (the Gram is a sum over
+    vocabulary blocks, so the full logits never exist). Model level: final hidden states (+ logits when tied)."""
+    dev, dt = runner.device, runner.dtype
+    norm_mod = runner.model.model.norm
+    norms = [ {"weight": ck.get("model.norm.weight").to(dev, dt)} for ck in ins.all]
+    check_finite(ins, "model.norm.weight", [n["weight"] for n in norms])
+    from torch.func import functional_call
+
+    weight = "model.embed_tokens.weight" if plan.tied else "lm_head.weight"
+    if model_level:
+        finals = {id(b): [functional_call(norm_mod, n, (h,)) for n, h in zip(norms, b.hv)] for b in batches}
+        for b in batches:
+            store.add("model", finals[id(b)], b)
+        module = "model" if plan.tied else "lm_head"
+        # untied lm_head is its own module, on the base's normalised final hidden states
+        xs = {id(b): (finals[id(b)] if plan.tied else [finals[id(b)][0]] * len(ins.all)) for b in batches}
+    else:
+        module = "embed_head" if plan.tied else "head"
+        xs = {id(b): [functional_call(norm_mod, n, (b.h,)) for n in norms] for b in batches}
+    vocab = ins.base.shapes[weight][0]
+    for lo in range(0, vocab, ROW_BLOCK):
+        hi = min(vocab, lo + ROW_BLOCK)
+        blocks = [ck.get_rows(weight, lo, hi).to(dev, dt) for ck in ins.all]
+        check_finite(ins, weight, blocks)
+        for b in batches:
+            store.add(module, [x @ w.T for x, w in zip(xs[id(b)], blocks)], b)
+
+
+def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]:
+    """The closed form's part of slta_report.json: parameters, solver rule, every module's α and diagnostics."""
+    return {
+        "granularity": plan.granularity,
+        "balance": cfg.param("balance"),
+        "num_samples": cfg.param("num_samples"),
+        "seed": cfg.param("seed"),
+        "samples_per_task": [len(ix) for ix in res.sample_indices],
+        "solver": {"rule": "eigen-decomposition of the symmetric PSD A: exact solve when every eigenvalue "
+                           "exceeds rcond * max; else the minimum-norm least-squares solution over the "
+                           "eigenvalues above it; A = 0 gives α = 0", "rcond": 1e-9},
+        "modules": {name: sol.to_json() for name, sol in res.solutions.items()},
+        "timings": res.timings,
+    }
+
+

@@ -1,0 +1,61 @@
+"""Data-free methods (task_arithmetic, linear, ties, dare_*, breadcrumbs*, consensus_ta) as a client of
+the engine: each tensor of each group is merged by the method's `tensor_fn` from the base tensor and
+the T fine-tuned ones, with parameters resolved per tensor by mergekit's rules (slta.methods.params).
+No calibration data and no forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slta.architecture import Plan
+from slta.checkpoint import ShardedWriter
+from slta.engine import Client, Loaded, walk
+from slta.inputs import Inputs, MergeError, all_finite
+from slta.journal import Journal
+
+
+class DataFree(Client):
+    """Merges every tensor of a group with the method's tensor function and writes it."""
+
+    def __init__(self, ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device, journal: Journal):
+        self.ins, self.plan, self.writer, self.device, self.journal = ins, plan, writer, device, journal
+        cfg = ins.cfg
+        self.method = cfg.method()
+        self.seed = int(cfg.param("seed"))
+        self.own = [e.parameters for e in cfg.models]
+        self.desc = f"{self.method.name}: layers"
+
+    def done(self, label: str) -> bool:
+        return label in self.journal.done  # written by an earlier, interrupted run
+
+    def merge_group(self, label: str, group: list[str], loaded: Loaded) -> None:
+        """Merge, check and write every tensor of one group, then record it in the journal."""
+        from slta.methods.params import layer_index, resolve_tensor_params
+
+        cfg, method, device, writer, plan = self.ins.cfg, self.method, self.device, self.writer, self.plan
+        for n in group:
+            per_model, shared = resolve_tensor_params(method, self.own, cfg.parameters, n, layer_index(n), plan.num_layers)
+            base = loaded[0][n].to(device, torch.float32)
+            tuned = [g[n].to(device, torch.float32) for g in loaded[1:]]
+            merged = method.tensor_fn(n, base, tuned, per_model, shared, self.seed)
+            if not all_finite(merged):
+                raise MergeError(f"{method.name} produced non-finite values for tensor {n}")
+            writer.write(n, merged)
+        del loaded
+        self.journal.mark(label, writer)
+
+    def embed(self, names: list[str], loaded: Loaded | None) -> None:
+        self.merge_group("embed", names, loaded)
+
+    def layer(self, i: int, names: list[str], loaded: Loaded | None) -> None:
+        self.merge_group(f"layer {i}", names, loaded)
+
+    def head(self, names: list[str], loaded: Loaded | None) -> None:
+        self.merge_group("head", names, loaded)
+
+
+def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device, progress: bool = True,
+                    journal: Journal | None = None) -> None:
+    """Tensor-by-tensor methods; parameters resolved per tensor with mergekit's rules."""
+    walk(ins, plan, DataFree(ins, plan, writer, device, journal or Journal(None, "")), progress)

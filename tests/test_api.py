@@ -1,0 +1,49 @@
+"""The Python API (issue #14): `import slta` gives the CLI's commands under their names, stays cheap,
+and `slta.merge.run_merge` & co. work without importing the submodules first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tiny import make_family, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_import_slta_then_submodules_by_attribute():
+    r = _python("import slta\n"
+                "slta.merge.run_merge; slta.stats.run_solve; slta.linearity.run_analyze; slta.evaluate.evaluate\n"
+                "slta.solve.solve_module\n"
+                "assert all(callable(f) for f in (slta.merge, slta.solve, slta.analyze, slta.evaluate))\n"
+                "print('ok')")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_import_slta_is_cheap():
+    r = _python("import sys, slta\nprint([m for m in ('torch', 'transformers', 'numpy', 'slta.merge') if m in sys.modules])")
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+
+
+def test_api_names_are_the_cli_functions(tmp_path):
+    import slta
+    from slta.evaluate import evaluate
+    from slta.linearity import run_analyze
+    from slta.merge import run_merge
+    from slta.stats import run_solve
+
+    assert slta.COMMANDS == {"merge": run_merge, "solve": run_solve, "analyze": run_analyze, "evaluate": evaluate}
+    for name in slta.COMMANDS:
+        assert getattr(slta, name).__call__.__doc__ or getattr(slta, name).__doc__
+    base, tuned = make_family(tmp_path, "llama", T=2)
+    cfg = write_config(tmp_path / "ta.yml", base, tuned, None, method="task_arithmetic", weight=0.5)
+    a = slta.merge(cfg, tmp_path / "a", progress=False)
+    b = run_merge(cfg, tmp_path / "b", progress=False)
+    assert (Path(a) / "model.safetensors").read_bytes() == (Path(b) / "model.safetensors").read_bytes()
