@@ -166,12 +166,9 @@ def build_plan(config: PretrainedConfig, tensor_names: list[str], granularity: s
 
     modules: list[Module] = []
     if granularity == "model":
-        whole = [embed, norm] + [n for layer in per_layer for n in layer]
-        if tied:
-            modules.append(Module("model", "model", None, [Part(n) for n in whole]))
-        else:
-            modules.append(Module("model", "model", None, [Part(n) for n in whole]))
-            modules.append(Module("lm_head", "lm_head", None, [Part(lm_head)]))
+        # one α vector for every parameter, lm_head included (paper Table 13)
+        whole = [embed, norm] + [n for layer in per_layer for n in layer] + ([] if tied else [lm_head])
+        modules.append(Module("model", "model", None, [Part(n) for n in whole]))
     else:
         if tied:
             modules.append(Module("embed_head", "embed_head", None, [Part(embed), Part(norm)]))

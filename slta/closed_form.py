@@ -30,6 +30,10 @@ if TYPE_CHECKING:  # slta.features imports transformers' attention code (~1 s): 
     from slta.features import Batch, GramStore, Runner
 
 
+# What the single model-level solve compares (SPEC section 3: final hidden states or logits; say which).
+MODEL_FEATURES = "logits of each full version, lm_head_t(norm_t(h_t)), every token: one α for every parameter"
+
+
 @dataclass
 class SltaResult:
     """α per module, the per-sample Grams (the sufficient statistics), each sample's task, the
@@ -110,7 +114,7 @@ class ClosedForm(Client):
         tied = self.plan.tied
         head_stage(self.ins, self.plan, self.stream.runner, self.stream.batches, self.store, self.model_level)
         if self.model_level:
-            finals = ["model"] + ([] if tied else ["lm_head"])
+            finals = ["model"]
         else:
             finals = ["embed_head"] if tied else ["head"]
         for name in finals:
@@ -153,7 +157,8 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
 def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore,
                model_level: bool) -> None:
     """Output head features: logits = lm_head(norm(h)), vocab in row blocks (the Gram is a sum over
-    vocabulary blocks, so the full logits never exist). Model level: final hidden states (+ logits when tied)."""
+    vocabulary blocks, so the full logits never exist). Model level: each version's own logits,
+    lm_head_t(norm_t(h_t)), the whole model's output (MODEL_FEATURES)."""
     dev, dt = runner.device, runner.dtype
     norm_mod = runner.model.model.norm
     norms = [ {"weight": ck.get("model.norm.weight").to(dev, dt)} for ck in ins.all]
@@ -162,12 +167,8 @@ def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], st
 
     weight = "model.embed_tokens.weight" if plan.tied else "lm_head.weight"
     if model_level:
-        finals = {id(b): [functional_call(norm_mod, n, (h,)) for n, h in zip(norms, b.hv)] for b in batches}
-        for b in batches:
-            store.add("model", finals[id(b)], b)
-        module = "model" if plan.tied else "lm_head"
-        # untied lm_head is its own module, on the base's normalised final hidden states
-        xs = {id(b): (finals[id(b)] if plan.tied else [finals[id(b)][0]] * len(ins.all)) for b in batches}
+        module = "model"
+        xs = {id(b): [functional_call(norm_mod, n, (h,)) for n, h in zip(norms, b.hv)] for b in batches}
     else:
         module = "embed_head" if plan.tied else "head"
         xs = {id(b): [functional_call(norm_mod, n, (b.h,)) for n in norms] for b in batches}
@@ -184,6 +185,7 @@ def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]
     """The closed form's part of slta_report.json: parameters, solver rule, every module's α and diagnostics."""
     return {
         "granularity": plan.granularity,
+        **({"model_features": MODEL_FEATURES} if plan.granularity == "model" else {}),
         "balance": cfg.param("balance"),
         "num_samples": cfg.param("num_samples"),
         "seed": cfg.param("seed"),

@@ -108,9 +108,8 @@ def mergekit_config(report: dict[str, Any], num_layers: int, tied: bool) -> dict
 
     models = []
     for t, path in enumerate(report["models"]):
-        if g == "model":
-            conds = [] if tied else [{"filter": "lm_head", "value": a("lm_head", t)}]
-            conds.append({"value": a("model", t)})
+        if g == "model":  # one α for every tensor, lm_head included
+            conds = [{"value": a("model", t)}]
         else:
             outer_in = "embed_head" if tied else "embed"
             outer_out = "embed_head" if tied else "head"

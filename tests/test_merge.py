@@ -200,3 +200,22 @@ def test_base_listed_among_models_is_dropped_like_mergekit(tmp_path):
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     out = run_merge(tmp_path / "c.yml", tmp_path / "out", progress=False)
     close(tensors(out), {n: (ws[0][n] + ws[1][n]) / 2 for n in w0})
+
+
+def test_model_level_is_one_alpha_for_the_whole_model_lm_head_included(tmp_path):
+    """Paper Table 13: one α vector for the whole model. lm_head used to get its own α (issue #14)."""
+    from safetensors.torch import load_file
+
+    base, tuned = make_family(tmp_path, "llama", T=2, tied=False)
+    data = make_data(tmp_path, T=2, n=6)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity="model", num_samples=4)
+    out = run_merge(cfg, tmp_path / "out", progress=False)
+    report = json.loads((out / "slta_report.json").read_text())
+    assert list(report["modules"]) == ["model"]
+    assert "logits" in report["model_features"]
+    alpha = report["modules"]["model"]["alpha"]
+    sds = [load_file(p / "model.safetensors") for p in (base, *tuned)]
+    merged = load_file(out / "model.safetensors")
+    for name in ("lm_head.weight", "model.layers.0.mlp.up_proj.weight"):
+        expect = sds[0][name] + sum(a * (sd[name] - sds[0][name]) for a, sd in zip(alpha, sds[1:]))
+        torch.testing.assert_close(merged[name], expect, rtol=1e-5, atol=1e-6)

@@ -59,13 +59,8 @@ def module_features(models, ids, granularity, tied):
 
     feats = {}
     with torch.no_grad():
-        if granularity == "model":
-            finals = [m.model(ids).last_hidden_state for m in models]
-            if tied:
-                feats["model"] = [torch.cat([f.flatten(), m.lm_head(f).flatten()]) for f, m in zip(finals, models)]
-            else:
-                feats["model"] = [f.flatten() for f in finals]
-                feats["lm_head"] = [m.lm_head(finals[0]).flatten() for m in models]
+        if granularity == "model":  # one α for the whole model, lm_head included: its logits (Table 13)
+            feats["model"] = [m(ids).logits.flatten() for m in models]
             return feats
         emb = [m.model.embed_tokens(ids).flatten() for m in models]
         logits = [m.lm_head(m.model.norm(captured["final"])).flatten() for m in models]
@@ -140,7 +135,7 @@ def reference_alphas(models, samples, granularity, tied, balance, T):
 def owner(name, granularity, tied, cfg):
     """Module (and head slicing) of each tensor, written out for Llama-style names."""
     if granularity == "model":
-        return "lm_head" if name == "lm_head.weight" and not tied else "model"
+        return "model"
     if name == "model.embed_tokens.weight" or (tied and name == "model.norm.weight"):
         return "embed_head" if tied else "embed"
     if name in ("model.norm.weight", "lm_head.weight"):
