@@ -22,6 +22,7 @@ Outside the cut: the token embedding ("embed"; output: embedding rows) and the o
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,9 +100,11 @@ class Plan:
         return out
 
 
-def load_config(folder: str | Path, label: str | None = None, trust_remote_code: bool = False) -> PretrainedConfig:
+def load_config(folder: str | Path, label: str | None = None, trust_remote_code: bool = False,
+                require_supported: bool = True) -> PretrainedConfig:
     """A model folder's transformers config, with one-line errors naming `label` for a missing folder,
-    a missing or unreadable config.json, or an unsupported architecture."""
+    a missing or unreadable config.json, or (when `require_supported`) an architecture slta cannot cut
+    into modules. Data-free methods need no cut: like mergekit, they merge any architecture."""
     folder = Path(folder)
     label = label or str(folder)
     if not folder.is_dir():
@@ -112,7 +115,7 @@ def load_config(folder: str | Path, label: str | None = None, trust_remote_code:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises several error types
         raise ArchitectureError(f"{label}: cannot read {folder / 'config.json'} ({e})") from e
-    if config.model_type not in SUPPORTED:
+    if require_supported and config.model_type not in SUPPORTED:
         raise ArchitectureError(
             f"{label}: architecture {config.model_type!r} ({', '.join(config.architectures or [])}) is not supported "
             f"yet; slta supports {', '.join(SUPPORTED)}")
@@ -237,3 +240,31 @@ def _layer_modules(config: PretrainedConfig, i: int, tensors: list[str], granula
 def read_config_json(folder: str | Path) -> dict:
     """A model folder's config.json as a dict (as written, not through transformers)."""
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+@dataclass
+class TensorPlan:
+    """The write order and groups of an architecture slta has no module cut for, for the data-free
+    methods, which merge tensor by tensor: tensors grouped by the layer index in their name (the
+    engine reads one group at a time), the others before or after the layer stack."""
+
+    tensor_order: list[str]
+    groups: list[tuple[str, list[str]]]
+    num_layers: int
+
+
+_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # as slta.methods.params.layer_index
+
+
+def tensor_plan(names: list[str]) -> TensorPlan:
+    """A TensorPlan from the base's tensor names (in file order)."""
+    layers: dict[int, list[str]] = {}
+    before, after = [], []
+    for n in names:
+        m = _INDEX.search(n)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append(n)
+        else:
+            (after if layers else before).append(n)
+    groups = [("embed", before)] + [(f"layer {i}", layers[i]) for i in sorted(layers)] + [("head", after)]
+    return TensorPlan([n for _, g in groups for n in g], groups, len(layers))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from slta.architecture import Plan
+from slta.architecture import Plan, TensorPlan
 from slta.checkpoint import ShardedWriter
 from slta.engine import Client, Loaded, walk
 from slta.inputs import Inputs, MergeError, all_finite
@@ -55,7 +55,8 @@ class DataFree(Client):
         self.merge_group("head", names, loaded)
 
 
-def merge_data_free(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device, progress: bool = True,
+def merge_data_free(ins: Inputs, plan: Plan | TensorPlan, writer: ShardedWriter, device: torch.device, progress: bool = True,
                     journal: Journal | None = None) -> None:
     """Tensor-by-tensor methods; parameters resolved per tensor with mergekit's rules."""
-    walk(ins, plan, DataFree(ins, plan, writer, device, journal or Journal(None, "")), progress)
+    groups = plan.groups if isinstance(plan, TensorPlan) else None
+    walk(ins, plan, DataFree(ins, plan, writer, device, journal or Journal(None, "")), progress, groups)

@@ -85,7 +85,8 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     base_label = f"base_model {cfg.base_model}" if cfg.base_model else f"model {cfg.models[0].model}"
     if cfg.trust_remote_code:
         log.warning("trust_remote_code is on: Python code shipped inside the model folders will run")
-    hf = load_config(base_path, base_label, trust_remote_code=cfg.trust_remote_code)
+    cut = cfg.method().tensor_fn is None  # slta and RegMean cut the model into modules; data-free methods don't
+    hf = load_config(base_path, base_label, trust_remote_code=cfg.trust_remote_code, require_supported=cut)
     base = Checkpoint(base_path, base_label)
     tuned = []
     for entry in cfg.models:
@@ -93,7 +94,8 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
         if is_adapter(cfg.model_path(entry.model)):  # a PEFT LoRA folder: read as base + its delta, base's config
             tuned.append(AdapterCheckpoint(cfg.model_path(entry.model), label, base, base_label, cfg.base_model))
             continue
-        c = load_config(cfg.model_path(entry.model), label, trust_remote_code=cfg.trust_remote_code)
+        c = load_config(cfg.model_path(entry.model), label, trust_remote_code=cfg.trust_remote_code,
+                        require_supported=cut)
         diff = config_differences(hf, c)
         if diff:
             raise MergeError(f"{label}: architecture differs from {base_label}: {'; '.join(diff)}")
@@ -136,7 +138,12 @@ def check_distances(base: Checkpoint, tuned: list[Checkpoint], base_label: str, 
     heavy work. Norm weights and other vectors are left out: they sit near 1 and would dominate the
     distance (a random "fine-tune" at hidden size 64 measured 0.474 with them). Also warns (into
     `warnings`) when a fine-tune's layer 0 equals the base's (a zero task vector there) or another's."""
-    names = [n for n in base.names() if n.startswith(layer_prefix(0))] or base.names()[:1]
+    names = [n for n in base.names() if n.startswith(layer_prefix(0))]
+    if not names:  # another architecture's names (data-free methods): its first layer, else the first tensor
+        from slta.architecture import tensor_plan
+
+        groups = tensor_plan(base.names()).groups
+        names = groups[1][1] if len(groups) > 2 else base.names()[:1]
     names = [n for n in names if len(base.shapes[n]) >= 2 and "norm" not in n] or names
     b = base.get_many(names)
     # squared norms accumulated in float64 per tensor, without float64 copies of the tensors

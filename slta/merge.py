@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import slta
-from slta.architecture import build_plan
+from slta.architecture import SUPPORTED, TensorPlan, build_plan, tensor_plan
 from slta.checkpoint import ShardedWriter, dtype_name, parse_size
 from slta.config import ConfigError, MergeConfig, load_config as load_merge_config
 from slta.inputs import input_paths, open_inputs, output_bytes, resolve_device
@@ -43,6 +43,11 @@ from slta.write import combine, write_alpha_tensors  # noqa: F401
 log = logging.getLogger("slta")
 
 
+def groups_of(plan: Any) -> list[tuple[str, list[str]]]:
+    """The tensor groups in write order, for a module cut (Plan) or a tensor-level plan (TensorPlan)."""
+    return plan.groups if isinstance(plan, TensorPlan) else layer_groups(plan)
+
+
 def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrite: bool = False,
               device: str = "cpu", shard_size: str | int = "5GB", progress: bool = True,
               save_stats: bool = True, resume: bool = False) -> Path:
@@ -58,7 +63,10 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     ins = open_inputs(cfg)
     method = cfg.method()
     granularity = cfg.param("granularity") if method.name == "slta" else "layer"
-    plan = build_plan(ins.hf_config, ins.base.names(), granularity)
+    if ins.hf_config.model_type in SUPPORTED or method.tensor_fn is None:
+        plan = build_plan(ins.hf_config, ins.base.names(), granularity)
+    else:  # an architecture slta has no module cut for: data-free methods merge it tensor by tensor
+        plan = tensor_plan(ins.base.names())
     out = Path(out)
     report: dict[str, Any] = {"method": method.name}
     resumable = resume and not (method.name == "regmean" or granularity == "model")
@@ -73,7 +81,7 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
         journal = Journal(tmp if resumable else None, fingerprint, inputs)
         writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
                                parse_size(shard_size), resume=journal.resuming)
-        for label, group in layer_groups(plan):
+        for label, group in groups_of(plan):
             if label in journal.done:
                 writer.written.update(group)
         try:
