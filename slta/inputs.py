@@ -115,6 +115,10 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     warnings: list[str] = []
     check_distances(base, tuned, base_label, hf.num_hidden_layers, warnings)
     check_tokenizers(base, tuned, base_label)
+    if not any((base.folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+        warnings.append(f"{base_label}: no tokenizer files in {base.folder}: the merged folder will have none "
+                        f"either; copy the tokenizer into it before loading it with transformers")
+        log.warning("%s", warnings[-1])
     out = cfg.out_dtype or cfg.dtype
     if out is None:
         out = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)

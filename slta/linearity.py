@@ -192,9 +192,10 @@ def run_analyze(config: str | Path | dict | MergeConfig, out: str | Path, device
 
     cfg = load_config(config)
     check_output(out, overwrite, input_paths(cfg))  # before the analysis: OUT must not hold an input
+    modules = [module] if isinstance(module, str) else list(module or [])
+    check_modules(cfg, modules, levels)  # before the analysis, not after it
     data = analyze(cfg, device=device, num_samples=num_samples, levels=levels, dtype=dtype, steps=steps,
                    merging=merging, stream_memory=stream_memory, progress=progress)
-    modules = [module] if isinstance(module, str) else list(module or [])
     missing = [m for m in modules if m not in data["modules"]]
     if missing:
         raise ConfigError(f"--module {missing[0]!r} was not analysed; analysed modules are e.g. "
@@ -204,6 +205,27 @@ def run_analyze(config: str | Path | dict | MergeConfig, out: str | Path, device
         (tmp / "linearity.json").write_text(json.dumps(data, indent=1) + "\n")
         figures.draw_analysis(data, tmp, modules or None)
     return out
+
+
+def check_modules(cfg: MergeConfig, modules: list[str], levels: Sequence[str] | None) -> None:
+    """`--module` names checked against the base's shape and the analysed levels before any work:
+    model, layers.I, layers.I.attn, layers.I.mlp, layers.I.head.G."""
+    if not modules:
+        return
+    from slta.architecture import load_config as load_hf_config
+
+    base = cfg.model_path(cfg.base_model) if cfg.base_model else cfg.model_path(cfg.models[0].model)
+    hf = load_hf_config(base, f"base_model {base}", trust_remote_code=cfg.trust_remote_code)
+    L, G = hf.num_hidden_layers, getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    valid = ["model"] + [f"layers.{i}{s}" for i in range(L) for s in ("", ".attn", ".mlp")] + \
+            [f"layers.{i}.head.{g}" for i in range(L) for g in range(G)]
+    wanted = set(levels or LEVELS)
+    for m in modules:
+        if m not in valid:
+            raise ConfigError(f"--module {m!r} is not a module of {base} ({L} layers, {G} heads per layer: "
+                              f"model, layers.0..layers.{L - 1}, layers.I.attn, layers.I.mlp, layers.I.head.0..{G - 1})")
+        if level_of(m)[0] not in wanted:
+            raise ConfigError(f"--module {m!r} is at level {level_of(m)[0]!r}, which --levels leaves out")
 
 
 def add_cli(subparsers: Any) -> None:

@@ -408,3 +408,19 @@ def test_a_fine_tune_equal_to_the_base_gives_null_not_nan(tmp_path):
     assert d["summary"]["score"]["mlp"][1]["mean"] is None
     assert d["modules"]["model"]["merging"][0]["projection_distance"][0] is not None  # α_1 τ_1 alone still defined
     assert is_png(out / "fig2_nonlinearity_score.png") and is_png(out / "fig6_distance_matrix.png")
+
+
+def test_module_of_a_smaller_model_is_refused_before_the_analysis(tmp_path, monkeypatch):
+    """`--module layers.9` on a 2-layer model used to fail only after the whole analysis (issue #14)."""
+    import slta.linearity as lin
+    from slta.config import ConfigError
+
+    base, tuned = make_family(tmp_path, "llama", T=2, layers=2)
+    data = make_data(tmp_path, T=2, n=4)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, num_samples=2)
+    monkeypatch.setattr(lin, "analyze", lambda *a, **k: pytest.fail("the analysis ran before the check"))
+    with pytest.raises(ConfigError, match=r"'layers\.9' is not a module of .*2 layers"):
+        lin.run_analyze(cfg, tmp_path / "rep", module="layers.9", progress=False)
+    with pytest.raises(ConfigError, match="which --levels leaves out"):
+        lin.run_analyze(cfg, tmp_path / "rep", module="layers.1.mlp", levels=["model", "attn"], progress=False)
+    assert not (tmp_path / "rep").exists()

@@ -255,3 +255,18 @@ def test_zero_and_duplicate_task_vectors_warn_in_console_and_report(tmp_path, ca
     assert any("same_as_base" in w and "zero task vector" in w for w in warnings), warnings
     assert any("dup" in w and "identical" in w and "ft0" in w for w in warnings), warnings
     assert all(any(w in r.getMessage() for r in caplog.records) for w in warnings)
+
+
+def test_base_without_tokenizer_warns_that_the_output_has_none(tmp_path, caplog):
+    import logging
+
+    base, tuned = make_family(tmp_path, "llama", T=2)
+    for f in base.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            f.unlink()
+    cfg = write_config(tmp_path / "c.yml", base, tuned, None, method="task_arithmetic", weight=0.5)
+    with caplog.at_level(logging.WARNING, logger="slta"):
+        out = run_merge(cfg, tmp_path / "out", progress=False)
+    warnings = json.loads((out / "slta_report.json").read_text())["warnings"]
+    assert any("no tokenizer files" in w for w in warnings), warnings
+    assert any("no tokenizer files" in r.getMessage() for r in caplog.records)
