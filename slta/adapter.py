@@ -43,6 +43,7 @@ class AdapterError(CheckpointError):
 
 
 def is_adapter(folder: str | Path) -> bool:
+    """True when `folder` is a PEFT adapter folder (it holds adapter_config.json)."""
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 

@@ -17,7 +17,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from slta.inputs import Inputs
@@ -102,8 +102,9 @@ def read_jsonl(path: str | Path, label: str = "") -> list[tuple[int, object]]:
     return rows
 
 
-def load_task(path: str | Path, tokenizer, num_samples: int, seed: int, max_length: int,
+def load_task(path: str | Path, tokenizer: Any, num_samples: int, seed: int, max_length: int,
               label: str = "") -> TaskSamples:
+    """Draw `num_samples` samples of one task's JSONL with `seed`, tokenize them and cut them at `max_length`."""
     rows = read_jsonl(path, label)
     who = f"{label}: " if label else ""
     n = len(rows)

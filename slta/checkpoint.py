@@ -48,6 +48,7 @@ class OutputValueError(ValueError):
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'bfloat16', 'bf16', 'float32', ... or a torch.dtype -> torch.dtype (a ValueError names the choices)."""
     if isinstance(name, torch.dtype):
         return name
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -59,6 +60,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16' (the name config.json and the report use)."""
     return str(dtype).replace("torch.", "")
 
 

@@ -41,11 +41,14 @@ def _merge(base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dic
 
 def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
           params: dict[str, Any], seed: int) -> torch.Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest (`gamma`) and smallest magnitudes
+    of τ_t, keeping the fraction `density`; then task arithmetic."""
     return _merge(base, tuned, model_params, params, sign_consensus=False)
 
 
 def merge_ties(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
                params: dict[str, Any], seed: int) -> torch.Tensor:
+    """Breadcrumbs' masks, then TIES's sign election and disjoint mean."""
     return _merge(base, tuned, model_params, params, sign_consensus=True)
 
 

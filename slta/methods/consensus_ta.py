@@ -27,6 +27,7 @@ from slta.methods import Method, register
 
 def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
           params: dict[str, Any], seed: int) -> torch.Tensor:
+    """Consensus TA (Wang, Dimitriadis et al. 2024): TALL masks, keeping the entries at least k tasks agree on."""
     if not tuned:
         return base.clone()
     k = int(params.get("k", 2))

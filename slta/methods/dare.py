@@ -43,11 +43,13 @@ def _merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_param
 
 def merge_linear(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
                  params: dict[str, Any], seed: int) -> torch.Tensor:
+    """DARE (Yu et al. 2024) + task arithmetic: drop entries of τ_t with probability 1 - density, rescale."""
     return _merge(name, base, tuned, model_params, params, seed, sign_consensus=False)
 
 
 def merge_ties(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
                params: dict[str, Any], seed: int) -> torch.Tensor:
+    """DARE's drop-and-rescale, then TIES's sign election and disjoint mean."""
     return _merge(name, base, tuned, model_params, params, seed, sign_consensus=True)
 
 

@@ -16,6 +16,7 @@ from slta.methods import Method, register
 
 def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
           params: dict[str, Any], seed: int) -> torch.Tensor:
+    """Weight averaging (model soups): Σ_t w_t θ_t, divided by Σ_t w_t when `normalize` (mergekit's `linear`)."""
     weights = [float(p.get("weight", 1.0)) for p in model_params]
     out = torch.zeros_like(tuned[0])
     for w, t in zip(weights, tuned):

@@ -19,6 +19,7 @@ from slta.methods.common import combine
 
 def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
           params: dict[str, Any], seed: int) -> torch.Tensor:
+    """Task arithmetic (Ilharco et al. 2023): θ_0 + λ Σ_t w_t τ_t (Eq. 1), mergekit's `normalize`, `lambda`."""
     return combine(
         base, tuned, [float(p.get("weight", 1.0)) for p in model_params], None,
         sign_consensus=False, normalize=bool(params.get("normalize", False)), lam=float(params.get("lambda", 1.0)),

@@ -19,6 +19,7 @@ from slta.methods.common import combine, l1_rescale, topk_mask
 
 def merge(name: str, base: torch.Tensor, tuned: list[torch.Tensor], model_params: list[dict[str, Any]],
           params: dict[str, Any], seed: int) -> torch.Tensor:
+    """TIES (Yadav et al. 2023): trim each τ_t to its top-`density` magnitudes, elect a sign, disjoint mean."""
     rescale = bool(params.get("rescale", False))
 
     def sparsify(i: int, tau: torch.Tensor):
