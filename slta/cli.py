@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="exact-match accuracy of a model on task files (JSONL prompt/answer)")
     e.add_argument("model", help="Hugging Face model folder")
     e.add_argument("--tasks", nargs="+", required=True,
-                   help="JSONL files, or folders holding TASK/SPLIT.jsonl (e.g. zoo/default/data)")
+                   help="JSONL files, or folders holding TASK/SPLIT.jsonl (e.g. zoo/default/hard-seed0/data)")
     e.add_argument("--split", default="test", help="split file name used inside task folders (default: test)")
     e.add_argument("--out", help="write scores and predictions as JSON here")
     e.add_argument("--device", default="cpu", type=_device)

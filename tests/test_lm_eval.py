@@ -81,8 +81,8 @@ def _run_lm_eval(model: Path, tasks: list[str], include: Path, cwd: Path) -> tup
 @pytest.mark.slow
 def test_lm_eval_scores_like_slta_eval(tmp_path: Path) -> None:
     require_lm_eval()
-    run = tmp_path / "run"  # the shipped task files read zoo/default/data/<task>/test.jsonl from here
-    zoo = run / "zoo" / "default"
+    run = tmp_path / "run"  # the shipped task files read zoo/default/hard-seed0/data/<task>/test.jsonl from here
+    zoo = run / "zoo" / "default" / "hard-seed0"
     build_zoo(zoo, size="tiny", seed=0, progress=False)
     model = zoo / MODEL
     files = {t: zoo / "data" / t / "test.jsonl" for t in TASKS}
