@@ -22,7 +22,6 @@ Outside the cut: the token embedding ("embed"; output: embedding rows) and the o
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,17 +252,16 @@ class TensorPlan:
     num_layers: int
 
 
-_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # as slta.methods.params.layer_index
-
-
 def tensor_plan(names: list[str]) -> TensorPlan:
-    """A TensorPlan from the base's tensor names (in file order)."""
+    """A TensorPlan from the base's tensor names (in file order), grouped by mergekit's layer-index rule."""
+    from slta.methods.params import layer_index
+
     layers: dict[int, list[str]] = {}
     before, after = [], []
     for n in names:
-        m = _INDEX.search(n)
-        if m:
-            layers.setdefault(int(m.group(1)), []).append(n)
+        i = layer_index(n)
+        if i is not None:
+            layers.setdefault(i, []).append(n)
         else:
             (after if layers else before).append(n)
     groups = [("embed", before)] + [(f"layer {i}", layers[i]) for i in sorted(layers)] + [("head", after)]

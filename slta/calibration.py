@@ -132,16 +132,13 @@ def load_task(path: str | Path, tokenizer: Any, num_samples: int, seed: int, max
 
 # -- a merge's calibration: every task's file, with the base's tokenizer ------------------------------
 
-VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-
-
 def calibration(ins: Inputs) -> tuple[list[list[list[int]]], list[list[int]]]:
     """Every task's calibration samples as token ids, with the base's tokenizer: (ids per task, the
     line indices drawn per task). Ids beyond the model's vocabulary are a MergeError; warnings (cut
     samples, too few samples, max_length beyond the model's positions) go to `ins.warnings`."""
     from transformers import AutoTokenizer
 
-    from slta.inputs import MergeError
+    from slta.inputs import VOCAB_FILES, MergeError
 
     cfg = ins.cfg
     if not any((ins.base.folder / n).exists() for n in VOCAB_FILES):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slta.adapter import AdapterCheckpoint, is_adapter
-from slta.architecture import config_differences, layer_prefix, load_config
+from slta.architecture import config_differences, load_config, tensor_plan
 from slta.checkpoint import Checkpoint, parse_dtype
 from slta.config import ConfigError, MergeConfig
 
@@ -115,7 +115,7 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     warnings: list[str] = []
     check_distances(base, tuned, base_label, hf.num_hidden_layers, warnings)
     check_tokenizers(base, tuned, base_label)
-    if not any((base.folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+    if not any((base.folder / n).exists() for n in VOCAB_FILES):
         warnings.append(f"{base_label}: no tokenizer files in {base.folder}: the merged folder will have none "
                         f"either; copy the tokenizer into it before loading it with transformers")
         log.warning("%s", warnings[-1])
@@ -131,6 +131,9 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
     return Inputs(cfg, base, tuned, hf, out_dtype, warnings)
 
 
+# A tokenizer's vocabulary is in one of these; without any, a folder has no tokenizer.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
 # A fine-tune moves its weights by a few percent at most; independently initialised weights of the
 # same shape are ~1.4 apart (relative). Above this the model is not a fine-tune of the base.
 MAX_RELATIVE_DISTANCE = 0.5
@@ -142,16 +145,13 @@ def check_distances(base: Checkpoint, tuned: list[Checkpoint], base_label: str, 
     heavy work. Norm weights and other vectors are left out: they sit near 1 and would dominate the
     distance (a random "fine-tune" at hidden size 64 measured 0.474 with them). Also warns (into
     `warnings`) when a fine-tune's layer 0 equals the base's (a zero task vector there) or another's."""
-    names = [n for n in base.names() if n.startswith(layer_prefix(0))]
-    if not names:  # another architecture's names (data-free methods): its first layer, else the first tensor
-        from slta.architecture import tensor_plan
-
-        groups = tensor_plan(base.names()).groups
-        names = groups[1][1] if len(groups) > 2 else base.names()[:1]
+    groups = tensor_plan(base.names()).groups  # layer 0's tensors, whatever the architecture's names
+    names = groups[1][1] if len(groups) > 2 else base.names()[:1]
     names = [n for n in names if len(base.shapes[n]) >= 2 and "norm" not in n] or names
     b = base.get_many(names)
     # squared norms accumulated in float64 per tensor, without float64 copies of the tensors
-    norm0 = math.sqrt(sum(float(v.float().pow(2).sum(dtype=torch.float64)) for v in b.values()))
+    sq0 = {n: float(v.float().pow(2).sum(dtype=torch.float64)) for n, v in b.items()}
+    norm0 = math.sqrt(sum(sq0.values()))
     dists, signatures = [], []  # signature: Σ τ and Σ τ² per tensor; equal only for equal weights, in practice
     for ck in tuned:
         sq, worst, sig = 0.0, (0.0, names[0]), []
@@ -160,7 +160,7 @@ def check_distances(base: Checkpoint, tuned: list[Checkpoint], base_label: str, 
             d2 = float(tau.pow(2).sum(dtype=torch.float64))
             sig += [d2, float(tau.sum(dtype=torch.float64))]
             sq += d2
-            rel = math.sqrt(d2) / max(math.sqrt(float(b[n].float().pow(2).sum(dtype=torch.float64))), 1e-30)
+            rel = math.sqrt(d2 / max(sq0[n], 1e-60))
             worst = max(worst, (rel, n))
         d = math.sqrt(sq) / max(norm0, 1e-30)
         if d > MAX_RELATIVE_DISTANCE:

@@ -58,7 +58,8 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     result is byte-identical to an uninterrupted run)."""
     started = time.perf_counter()
     cfg = load_merge_config(config)
-    check_output(out, overwrite, input_paths(cfg))  # before any work: OUT must not hold an input
+    inputs = input_paths(cfg)
+    check_output(out, overwrite, inputs)  # before any work: OUT must not hold an input
     dev = resolve_device(device)
     ins = open_inputs(cfg)
     method = cfg.method()
@@ -74,11 +75,11 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
         log.warning("%s merges are not resumable (%s); this run starts from the beginning",
                     method.name, "two passes over the model" if granularity == "model" else "no journal")
     needed = output_bytes(ins, plan)
-    with atomic_output(out, overwrite, resume=resumable, inputs=input_paths(cfg), needed=needed) as tmp:
+    with atomic_output(out, overwrite, resume=resumable, inputs=inputs, needed=needed) as tmp:
         fingerprint = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), dtype_name(ins.out_dtype),
                                                  str(shard_size), slta.__version__], sort_keys=True).encode()).hexdigest()
-        inputs = input_fingerprints(input_paths(cfg).values()) if resumable else None
-        journal = Journal(tmp if resumable else None, fingerprint, inputs)
+        prints = input_fingerprints(inputs.values()) if resumable else None
+        journal = Journal(tmp if resumable else None, fingerprint, prints)
         writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
                                parse_size(shard_size), resume=journal.resuming)
         for label, group in groups_of(plan):
