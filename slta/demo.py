@@ -23,11 +23,22 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from slta.demo_table import (COMBOS, LEVEL_NAMES, METHOD_NAMES, TASKS, accuracy_bars, baseline_summary, multi_zoo_rows,
-                             results_table, summary_line, table_rows, write_summary)
+from slta.demo_table import (
+    COMBOS,
+    LEVEL_NAMES,
+    METHOD_NAMES,
+    TASKS,
+    accuracy_bars,
+    baseline_summary,
+    multi_zoo_rows,
+    results_table,
+    summary_line,
+    table_rows,
+    write_summary,
+)
+from slta.demo_zoos import KINDS, build_zoos, kind_size
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
-KINDS = ("hard", "chat")
 __all__ = ["COMBOS", "LEVELS", "METHOD_NAMES", "TASKS", "baseline_grids", "run_demo", "table_rows"]
 
 
@@ -209,19 +220,16 @@ class Demo:
         return results
 
 
-def zoo_dir(root: Path, kind: str, seed: int) -> Path:
-    return root / f"{kind}-seed{seed}"
-
-
 def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size: str = "default",
              device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
-             zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "hard",
+             zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
-             triple_only: bool = False) -> dict[str, Any]:
+             triple_only: bool = False, jobs: int | None = None) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
-    zoo/SIZE). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
+    zoo/SIZE; the chat kind of a default-size demo is built at `small`, in ``chat-small-seedN/``,
+    see slta.demo_zoos). The zoos are built first, ``jobs`` at a time (default: one per core). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
     per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
     ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
@@ -234,7 +242,6 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from slta.zoo import build_zoo
     from slta.zoo.build import recipe_for
 
     kinds = KINDS if zoo_kind == "both" else (zoo_kind,)
@@ -248,25 +255,22 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     started = time.perf_counter()
     root = Path(zoo or f"zoo/{size}")
     out = Path(out or f"demo_out/{size}")
-    unknown = set(zoo_overrides or {}) - {k for kind in kinds for k in recipe_for(size, 0, kind=kind)["params"]}
+    unknown = set(zoo_overrides or {}) - {k for kind in kinds for k in recipe_for(kind_size(kind, size), 0, kind=kind)["params"]}
     if unknown:
         raise ValueError(f"unknown zoo recipe keys: {', '.join(sorted(unknown))}")
     study: dict[str, Any] = {"size": size, "zoo_root": str(root), "zoo_seeds": list(zoo_seeds),
                              "zoo_overrides": zoo_overrides or {},
                              "methods": sorted(methods) if methods is not None else "all", "kinds": {},
                              "timings_s": {}}
+    t = time.perf_counter()
+    zoos = build_zoos(root, size, kinds, zoo_seeds, zoo_overrides, threads, progress, jobs)
+    study["timings_s"]["zoos"] = time.perf_counter() - t
     for kind in kinds:
         per_zoo = []
         for zs in zoo_seeds:
-            t = time.perf_counter()
-            path = zoo_dir(root, kind, zs)
-            print(f"slta demo ({size}, {kind} kind, zoo seed {zs}): building or reusing the zoo in {path} ...", flush=True)
-            known = set(recipe_for(size, zs, kind=kind)["params"])
-            build_zoo(path, size=size, seed=zs, progress=progress, threads=threads, kind=kind,
-                      hard_zoo=zoo_dir(root, "hard", zs),
-                      overrides={k: v for k, v in (zoo_overrides or {}).items() if k in known})
-            zoo_s = time.perf_counter() - t
-            res = demo_one_zoo(path, out / f"{kind}-seed{zs}", size, device, seeds, progress,
+            path, zoo_s = zoos[(kind, zs)]
+            print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {path} ...", flush=True)
+            res = demo_one_zoo(path, out / f"{kind}-seed{zs}", kind_size(kind, size), device, seeds, progress,
                                set(methods) if methods is not None else None, triple_only)
             res.update(kind=kind, zoo_seed=zs, report=str(out / f"{kind}-seed{zs}" / "report"))
             res["timings_s"]["zoo"] = zoo_s
@@ -348,8 +352,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zoo-seeds", default="0", type=_int_list,
                    help="comma-separated zoo seeds (data, pre-training, fine-tuning); several give mean ± std "
                         "across zoos, e.g. 0,1,2 (default 0)")
-    p.add_argument("--zoo-kind", default="hard", choices=(*KINDS, "both"),
-                   help="hard: a prompt format per task; chat: one chat template, fixed epochs, not calibrated yet (default hard)")
+    p.add_argument("--zoo-kind", default="both", choices=(*KINDS, "both"),
+                   help="hard: a prompt format per task, fine-tunes trained to a target loss; chat: one chat template, "
+                        "fixed epochs, the paper's recipe (built at the small size in a default-size demo); default both")
+    p.add_argument("--jobs", type=int, help="zoos built in parallel processes (default: one per core)")
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
                         "weight_average,task_arithmetic to calibrate a zoo on baselines only")
@@ -363,7 +369,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
                                            a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
-                                           a.triple_only))
+                                           a.triple_only, a.jobs))
 
 
 def _override(s: str) -> tuple[str, Any]:

@@ -239,3 +239,18 @@ def test_chat_rebuild_that_keeps_the_base_reuses_it(chat_zoo, tiny_zoo, tmp_path
     build_zoo(folder, size="tiny", seed=0, progress=False, kind="chat", hard_zoo=hard,
               overrides={"chat_epochs": 1, "chat_base_steps": 5})
     assert "first" in json.loads((folder / "zoo.json").read_text())["train_loss"]["base"]
+
+
+def test_parallel_zoo_builds_match_sequential_ones(tmp_path):
+    """The demo builds independent zoos in parallel processes (one thread each): same bytes as one at
+    a time. The chat kind of a default-size demo lives in its own small-size folders."""
+    from slta.demo_zoos import build_zoos, zoo_dir
+
+    built = build_zoos(tmp_path / "par", "tiny", ("hard",), [0, 1], SMALL, threads=1, progress=False, jobs=2)
+    assert set(built) == {("hard", 0), ("hard", 1)}
+    for seed in (0, 1):
+        alone = build_zoo(tmp_path / f"seq{seed}", size="tiny", seed=seed, progress=False, overrides=SMALL)
+        assert built[("hard", seed)][0] == tmp_path / "par" / f"hard-seed{seed}"
+        assert _files(built[("hard", seed)][0]) == _files(alone)
+    assert zoo_dir(tmp_path, "chat", 2, "default") == tmp_path / "chat-small-seed2"
+    assert zoo_dir(tmp_path, "hard", 2, "default") == tmp_path / "hard-seed2"
