@@ -1,0 +1,82 @@
+"""`slta demo --variants`: slta's options beyond the paper (issue #16) as extra rows of the table.
+
+Each variant is a set of `merge_method: slta` parameters (docs/methods.md) run at the layer and
+attn_mlp levels with calibration seed 0, on every combination, merged directly (a variant with
+`inputs: merged` or `refine` cannot be re-solved from the triple's statistics, so every variant is
+treated alike). The triple is also scored on the validation split: a variant is *chosen* by
+validation only, and its test score is what the report states. RegMean++ joins the baselines,
+grid-searched like RegMean.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import numpy as np
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper": {},  # the paper's method, scored on validation too so it competes in the choice (not a table row)
+    "response": {"tokens": "response"},
+    "response_shifted": {"tokens": "response_shifted"},
+    "merged": {"inputs": "merged"},
+    "response+merged": {"tokens": "response", "inputs": "merged"},
+    "response+merged+refine2": {"tokens": "response", "inputs": "merged", "refine": 2},
+}
+VARIANT_LEVELS = ("layer", "attn_mlp")
+VARIANT_SEEDS = (0,)
+SEP = "|"  # results["slta"] keys: "LEVEL" (the paper) or "LEVEL|VARIANT"
+
+
+def n_variant_steps(n_combos: int) -> int:
+    return len(VARIANTS) * len(VARIANT_LEVELS) * len(VARIANT_SEEDS) * n_combos
+
+
+def scores(demo, cfg: dict[str, Any], combo: tuple[str, ...], splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Merge once, evaluate on each split (cached per split like Demo.merged_scores)."""
+    from slta.merge import run_merge
+
+    keys = {s: demo.key({"config": cfg, "limit": demo.val_limit if s == "val" else None}) for s in splits}
+    paths = {s: demo.cache / f"eval-{k}-{s}.json" for s, k in keys.items()}
+    todo = [s for s in splits if not paths[s].exists()]
+    if todo:
+        folder = demo.work / keys[todo[0]]
+        run_merge(cfg, folder, overwrite=True, device=demo.device, progress=False)
+        try:
+            for s in todo:
+                demo.evaluate(folder, combo, s, keys[s])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {s: json.loads(p.read_text()) for s, p in paths.items()}
+
+
+def run_variants(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{"LEVEL|VARIANT": {"math+code": [{"seed", "test"(, "val")}], ...}} for every variant."""
+    triple = demo.combos[-1]
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, extra in VARIANTS.items():
+        for level in VARIANT_LEVELS:
+            for seed in VARIANT_SEEDS:
+                for combo in demo.combos:
+                    bar.set_postfix_str(f"slta {level} {name} {'+'.join(combo)}")
+                    cfg = demo.merge_config("slta", combo, {"granularity": level, "num_samples": 30, "seed": seed, **extra})
+                    got = scores(demo, cfg, combo, ("test", "val") if combo == triple else ("test",))
+                    results.setdefault(f"{level}{SEP}{name}", {}).setdefault("+".join(combo), []).append(
+                        {"seed": seed, **got})
+                    bar.update()
+    return results
+
+
+def chosen_by_validation(results: dict[str, Any], triple: str = "math+code+translate") -> dict[str, Any] | None:
+    """The slta row (paper or variant) with the best validation average on the triple, and its test."""
+    best = None
+    for key, by_combo in results.get("slta", {}).items():
+        runs = by_combo.get(triple) or []
+        if not runs or any("val" not in r for r in runs):
+            continue
+        val = float(np.mean([np.mean(list(r["val"].values())) for r in runs]))
+        test = float(np.mean([np.mean(list(r["test"].values())) for r in runs]))
+        if best is None or val > best["val"]:
+            best = {"row": key, "val": 100 * val, "test": 100 * test}
+    return best
