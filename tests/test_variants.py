@@ -154,11 +154,13 @@ def progressive_reference(models, smp, granularity, T):
     on a whole merged model (deep copy of the base whose parameters are replaced as α are solved)."""
     merged = copy.deepcopy(models[0])
     tasks = [t for t, _, _ in smp]
+    tied = models[0].config.tie_word_embeddings
     alphas = {}
     with torch.no_grad():
         emb = [[m.model.embed_tokens(ids) for m in models] for _, ids, _ in smp]
-        alphas["embed"] = solve(emb, tasks, T)
-        merged.load_state_dict(combine(models, ["model.embed_tokens.weight"], alphas["embed"]), strict=False)
+        if not tied:  # tied: the embedding is solved last, with the head; layer 0 starts from the base's
+            alphas["embed"] = solve(emb, tasks, T)
+            merged.load_state_dict(combine(models, ["model.embed_tokens.weight"], alphas["embed"]), strict=False)
         for i in range(models[0].config.num_hidden_layers):
             lays = [m.model.layers[i] for m in models]
             pre = f"model.layers.{i}."
@@ -177,15 +179,21 @@ def progressive_reference(models, smp, granularity, T):
                 [[lay.mlp(lay.post_attention_layernorm(m)) for lay in lays] for m in mids], tasks, T)
             merged.load_state_dict(combine(models, [n for n in names if n not in attn], a), strict=False)
         fins = [capture(merged, ids, merged.model.norm)[0] for _, ids, _ in smp]
-        alphas["head"] = solve([[m.lm_head(m.model.norm(x)) for m in models] for x in fins], tasks, T)
-        merged.load_state_dict(combine(models, ["model.norm.weight", "lm_head.weight"], alphas["head"]), strict=False)
+        logits = [[m.lm_head(m.model.norm(x)) for m in models] for x in fins]
+        if tied:  # one module, both outputs
+            alphas["embed_head"] = a = solve([[torch.cat([e.flatten(), lg.flatten()]) for e, lg in zip(es, ls)]
+                                              for es, ls in zip(emb, logits)], tasks, T)
+            merged.load_state_dict(combine(models, ["model.norm.weight", "model.embed_tokens.weight"], a), strict=False)
+        else:
+            alphas["head"] = a = solve(logits, tasks, T)
+            merged.load_state_dict(combine(models, ["model.norm.weight", "lm_head.weight"], a), strict=False)
     return alphas, merged.state_dict()
 
 
-@pytest.mark.parametrize("granularity", ["layer", "attn_mlp"])
-def test_inputs_merged_equals_layer_by_layer_reference(tmp_path, granularity):
+@pytest.mark.parametrize("arch,granularity", [("llama", "layer"), ("llama", "attn_mlp"), ("qwen2", "attn_mlp")])
+def test_inputs_merged_equals_layer_by_layer_reference(tmp_path, arch, granularity):
     T = 3
-    base, tuned = make_family(tmp_path, "llama", T=T, layers=2, scale=0.2)
+    base, tuned = make_family(tmp_path, arch, T=T, layers=2, scale=0.2)
     data = make_data(tmp_path, T=T, n=10)
     cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity=granularity, num_samples=N,
                        batch_size=3, inputs="merged")
@@ -198,14 +206,16 @@ def test_inputs_merged_equals_layer_by_layer_reference(tmp_path, granularity):
     for name, a in ref.items():
         np.testing.assert_allclose(got[name], a, rtol=1e-5, atol=1e-6, err_msg=name)
     written = load_file(out / "model.safetensors")
+    assert set(written) <= set(ref_sd)
     for name, w in written.items():
         scale = ref_sd[name].abs().max().item()
         assert (w - ref_sd[name]).abs().max().item() <= 1e-5 * scale, name
     # progressive inputs change the α after the first layer
     paper, _ = report_alphas(run_merge(write_config(tmp_path / "d.yml", base, tuned, data, granularity=granularity,
                                                     num_samples=N, batch_size=3), tmp_path / "paper", progress=False))
-    assert np.allclose(paper["embed"], got["embed"])
-    assert not np.allclose(paper["head"], got["head"], rtol=1e-4)
+    last = "embed_head" if "embed_head" in got else "head"
+    assert np.allclose(paper.get("embed", 0), got.get("embed", 0))
+    assert not np.allclose(paper[last], got[last], rtol=1e-4)
 
 
 # -- slta solve and config --------------------------------------------------------------------------
