@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from slta.inputs import MergeError
 from slta.merge import run_merge
 from slta.stats import run_solve
 from slta.tokens import counted_positions
+from test_merge_reference import head_features, reference_merge
 from tiny import make_data, make_family, make_tokenizer, write_config
 
 torch.set_num_threads(1)
@@ -173,7 +175,15 @@ def progressive_reference(models, smp, granularity, T):
             alphas[f"layers.{i}.attn"] = a = solve(
                 [[lay.self_attn(lay.input_layernorm(h), **kw)[0] for lay in lays] for h, kw in ins], tasks, T)
             attn = [n for n in names if "self_attn" in n or "input_layernorm" in n]
-            merged.load_state_dict(combine(models, attn, a), strict=False)
+            if granularity == "head_mlp":  # each kv group's α on its q/k/v rows and o_proj columns
+                per_head = [head_features(lays, h, kw, models[0].config, i) for h, kw in ins]
+                for g in per_head[0]:
+                    alphas[g] = solve([p[g] for p in per_head], tasks, T)
+                full = reference_merge(models, defaultdict(lambda: np.zeros(T), alphas), "head_mlp",
+                                       models[0].config.tie_word_embeddings)
+                merged.load_state_dict({n: full[n].float() for n in attn}, strict=False)
+            else:
+                merged.load_state_dict(combine(models, attn, a), strict=False)
             mids = [capture(merged, ids, merged.model.layers[i].post_attention_layernorm)[0] for _, ids, _ in smp]
             alphas[f"layers.{i}.mlp"] = a = solve(
                 [[lay.mlp(lay.post_attention_layernorm(m)) for lay in lays] for m in mids], tasks, T)
@@ -190,7 +200,8 @@ def progressive_reference(models, smp, granularity, T):
     return alphas, merged.state_dict()
 
 
-@pytest.mark.parametrize("arch,granularity", [("llama", "layer"), ("llama", "attn_mlp"), ("qwen2", "attn_mlp")])
+@pytest.mark.parametrize("arch,granularity", [("llama", "layer"), ("llama", "attn_mlp"), ("qwen2", "attn_mlp"),
+                                               ("qwen2", "head_mlp")])
 def test_inputs_merged_equals_layer_by_layer_reference(tmp_path, arch, granularity):
     T = 3
     base, tuned = make_family(tmp_path, arch, T=T, layers=2, scale=0.2)
