@@ -36,7 +36,8 @@ UNSUPPORTED_KEYS = {  # key -> why, and what slta offers
     "experts": _MOE, "gate_mode": _MOE, "experts_per_token": _MOE, "shared_experts": _MOE,
 }
 UNSUPPORTED_MODEL_KEYS = {"layer_range": f"layer ranges are not implemented; {_WHOLE_MODELS}"}
-_OFFERS = "task_arithmetic, linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, consensus_ta, regmean, regmean_plusplus, slta"
+_OFFERS = ("task_arithmetic, linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, consensus_ta, "
+           "regmean, regmean_plusplus, slta")
 UNSUPPORTED_METHODS = {
     "slerp": "spherical interpolation is not implemented; for two models use linear (weight average), "
              "task_arithmetic or slta",

@@ -126,7 +126,8 @@ def run_regmean(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.de
     cfg = ins.cfg
     alpha = float(cfg.param("alpha"))
     if not 0 <= alpha <= 1:
-        raise ValueError(f"{'regmean_plusplus' if progressive else 'regmean'}: parameters.alpha must be in [0, 1], got {alpha}")
+        name = "regmean_plusplus" if progressive else "regmean"
+        raise ValueError(f"{name}: parameters.alpha must be in [0, 1], got {alpha}")
     t0 = time.perf_counter()
     tasks, indices = calibration(ins)
     stream = Stream.open(ins, plan, tasks, device, torch.float32, cfg.param("batch_size"))

@@ -14,10 +14,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny import make_data, make_family, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.merge import run_merge
-from tiny import make_data, make_family, write_config
 
 torch.set_num_threads(1)
 N = 5
@@ -111,7 +111,9 @@ def test_refine_zero_is_the_paper_bit_for_bit(tmp_path):
     for key, extra in (("paper", {}), ("zero", {"refine": 0}), ("two", {"refine": 2})):
         cfg = write_config(tmp_path / f"{key}.yml", base, tuned, data, num_samples=N, batch_size=3, **extra)
         outs[key] = run_merge(cfg, tmp_path / key, progress=False)
-    read = lambda k, f: (outs[k] / f).read_bytes()  # noqa: E731
+    def read(k, f):
+        return (outs[k] / f).read_bytes()
+
     assert read("zero", "model.safetensors") == read("paper", "model.safetensors")
     from slta.stats import read_stats
 

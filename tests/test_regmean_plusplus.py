@@ -12,10 +12,10 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_data, make_family, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.merge import run_merge
-from tiny import make_data, make_family, write_config
 
 torch.set_num_threads(1)
 N, ALPHA = 5, 0.9
@@ -63,7 +63,7 @@ def reference(models, smp, T):
                 h, kw = entering(merged, ids, merged.model.layers[i])  # the merged stream
                 cand, cap = lays[t + 1], {}
                 hooks = [cand.get_submodule(n).register_forward_pre_hook(
-                    lambda m, a, n=n: cap.__setitem__(n, a[0][0].double())) for n in linears]
+                    lambda m, a, n=n, cap=cap: cap.__setitem__(n, a[0][0].double())) for n in linears]
                 cand(h, **kw)  # candidate t's own layer: the linears' inputs
                 for hk in hooks:
                     hk.remove()

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_merge_reference import head_features, reference_merge
+from tiny import make_data, make_family, make_tokenizer, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.config import ConfigError, load_config
@@ -23,8 +25,6 @@ from slta.inputs import MergeError
 from slta.merge import run_merge
 from slta.stats import run_solve
 from slta.tokens import counted_positions
-from test_merge_reference import head_features, reference_merge
-from tiny import make_data, make_family, make_tokenizer, write_config
 
 torch.set_num_threads(1)
 N = 5  # samples per task
@@ -83,11 +83,13 @@ def test_tokens_response_equals_hand_sliced_features(tmp_path):
         for t, ids, start in samples(AutoTokenizer.from_pretrained(base), data):
             tasks.append(t)
             cap = {}
-            hooks = [lay.register_forward_pre_hook(lambda m, a, kw, i=i: cap.__setitem__(i, (a[0] if a else
+            hooks = [lay.register_forward_pre_hook(lambda m, a, kw, i=i, cap=cap: cap.__setitem__(i, (a[0] if a else
                      kw["hidden_states"], kw)), with_kwargs=True) for i, lay in enumerate(models[0].model.layers)]
             hooks += [lay.post_attention_layernorm.register_forward_pre_hook(
-                lambda m, a, i=i: cap.__setitem__(("mid", i), a[0])) for i, lay in enumerate(models[0].model.layers)]
-            hooks.append(models[0].model.norm.register_forward_pre_hook(lambda m, a: cap.__setitem__("fin", a[0])))
+                lambda m, a, i=i, cap=cap: cap.__setitem__(("mid", i), a[0]))
+                for i, lay in enumerate(models[0].model.layers)]
+            hooks.append(models[0].model.norm.register_forward_pre_hook(
+                lambda m, a, cap=cap: cap.__setitem__("fin", a[0])))
             models[0](ids)
             for h in hooks:
                 h.remove()
@@ -142,8 +144,8 @@ def combine(models, names, alpha):
 def capture(model, ids, module):
     """(args[0], kwargs) entering `module` when `model` runs on ids."""
     cap = {}
-    h = module.register_forward_pre_hook(lambda m, a, kw: cap.__setitem__("x", (a[0] if a else kw["hidden_states"], kw)),
-                                         with_kwargs=True)
+    h = module.register_forward_pre_hook(
+        lambda m, a, kw: cap.__setitem__("x", (a[0] if a else kw["hidden_states"], kw)), with_kwargs=True)
     with torch.no_grad():
         model(ids)
     h.remove()
