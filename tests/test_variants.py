@@ -68,20 +68,12 @@ def report_alphas(out):
 
 # -- tokens: response -----------------------------------------------------------------------------
 
-def test_tokens_response_equals_hand_sliced_features(tmp_path):
-    T = 3
-    base, tuned = make_family(tmp_path, "llama", T=T, layers=2)
-    data = make_data(tmp_path, T=T, n=10)  # tasks 0, 2: prompt/response; task 1: text (every position)
-    cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity="attn_mlp", num_samples=N,
-                       batch_size=3, tokens="response")
-    got, rep = report_alphas(run_merge(cfg, tmp_path / "out", progress=False))
-    assert rep["tokens"] == "response"
-    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in [base, *tuned]]
+def hand_sliced_alphas(models, smp, T):
+    """α of every module (attn_mlp, 2 layers) with each sample's features sliced by hand to positions
+    start.. (the response), base-model inputs captured with hooks."""
     feats: dict[str, list] = {}
-    tasks = []
     with torch.no_grad():
-        for t, ids, start in samples(AutoTokenizer.from_pretrained(base), data):
-            tasks.append(t)
+        for _, ids, start in smp:
             cap = {}
             hooks = [lay.register_forward_pre_hook(lambda m, a, kw, i=i, cap=cap: cap.__setitem__(i, (a[0] if a else
                      kw["hidden_states"], kw)), with_kwargs=True) for i, lay in enumerate(models[0].model.layers)]
@@ -105,13 +97,57 @@ def test_tokens_response_equals_hand_sliced_features(tmp_path):
                 per[f"layers.{i}.mlp"] = [lay.mlp(lay.post_attention_layernorm(mid))[0, keep] for lay in lays]
             for k, v in per.items():
                 feats.setdefault(k, []).append(v)
-    for name, per_sample in feats.items():
-        np.testing.assert_allclose(got[name], solve(per_sample, tasks, T), rtol=1e-5, atol=1e-7, err_msg=name)
+    tasks = [t for t, _, _ in smp]
+    return {name: solve(per_sample, tasks, T) for name, per_sample in feats.items()}
+
+
+def test_tokens_response_equals_hand_sliced_features(tmp_path):
+    T = 3
+    base, tuned = make_family(tmp_path, "llama", T=T, layers=2)
+    data = make_data(tmp_path, T=T, n=10)  # tasks 0, 2: prompt/response; task 1: text (every position)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity="attn_mlp", num_samples=N,
+                       batch_size=3, tokens="response")
+    got, rep = report_alphas(run_merge(cfg, tmp_path / "out", progress=False))
+    assert rep["tokens"] == "response"
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in [base, *tuned]]
+    ref = hand_sliced_alphas(models, samples(AutoTokenizer.from_pretrained(base), data), T)
+    for name, a in ref.items():
+        np.testing.assert_allclose(got[name], a, rtol=1e-5, atol=1e-7, err_msg=name)
     # the paper's objective (every token) gives other α on this data
     all_tokens, _ = report_alphas(run_merge(write_config(tmp_path / "d.yml", base, tuned, data, granularity="attn_mlp",
                                                          num_samples=N, batch_size=3), tmp_path / "all",
                                             progress=False))
     assert not np.allclose(all_tokens["layers.1.mlp"], got["layers.1.mlp"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens,shift", [("response", 0), ("response_shifted", 1)])
+def test_tokens_on_messages_equal_hand_sliced_features(tmp_path, tokens, shift):
+    """`messages` samples rendered by the chat template (the demo zoo's chat kind): the assistant turn's
+    positions, counted by hand on the rendering "USER: q\nASSISTANT: a</s>" (one token per character,
+    </s> one token, no special token added)."""
+    T = 2
+    base, tuned = make_family(tmp_path, "llama", T=T, layers=2)
+    tok = make_tokenizer()
+    tok.chat_template = ZOO_TEMPLATE
+    for folder in [base, *tuned]:
+        tok.save_pretrained(folder)
+    rng = random.Random(1)
+    data, smp = [], []
+    for t in range(T):
+        rows = []
+        for _ in range(N):
+            q, a = f"{rng.randint(0, 99)}+{rng.randint(0, 99)}=?", f"{rng.randint(0, 99)} ok" * (1 + t)
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            smp.append((t, torch.tensor([tok(f"USER: {q}\nASSISTANT: {a}</s>", add_special_tokens=False)["input_ids"]]),
+                        len(f"USER: {q}\nASSISTANT:") - shift))
+        (tmp_path / f"m{t}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data.append(tmp_path / f"m{t}.jsonl")
+    cfg = write_config(tmp_path / "c.yml", base, tuned, data, granularity="attn_mlp", num_samples=N, batch_size=3,
+                       tokens=tokens)
+    got, _ = report_alphas(run_merge(cfg, tmp_path / "out", progress=False))
+    models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in [base, *tuned]]
+    for name, a in hand_sliced_alphas(models, smp, T).items():
+        np.testing.assert_allclose(got[name], a, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_response_positions_by_hand():
