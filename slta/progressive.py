@@ -83,7 +83,8 @@ def variant_layer(client: Any, i: int, versions: list[dict[str, torch.Tensor]]) 
         for b, x in zip(batches, xs):
             outs = [runner.layer_out(i, p, x, b) for p in versions]
             store.add(name, outs, b)
-            base_out.append(outs[0])
+            if not merged_inputs:  # the base output is the next input
+                base_out.append(outs[0])
         client.solve(name)
         client.refine_module(name, "layer", i, versions, xs)
         if merged_inputs:
@@ -103,7 +104,8 @@ def variant_layer(client: Any, i: int, versions: list[dict[str, torch.Tensor]]) 
         store.add(f"layers.{i}.attn", attn, b)
         if heads:
             head_features(runner, i, heads, versions, x, b, store)
-        attn_base.append(attn[0])
+        if not merged_inputs:
+            attn_base.append(attn[0])
     for m in mods:
         if m.kind != "mlp":
             client.solve(m.name)
@@ -118,7 +120,8 @@ def variant_layer(client: Any, i: int, versions: list[dict[str, torch.Tensor]]) 
     for b, m in zip(batches, ms):
         mlp = [runner.mlp_out(i, p, m) for p in versions]
         store.add(f"layers.{i}.mlp", mlp, b)
-        mlp_base.append(mlp[0])
+        if not merged_inputs:
+            mlp_base.append(mlp[0])
     client.solve(f"layers.{i}.mlp")
     client.refine_module(f"layers.{i}.mlp", "mlp", i, versions, ms)
     if merged_inputs:
