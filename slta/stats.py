@@ -127,7 +127,7 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
         except BaseException:
             writer.abort()
             raise
-        report = {"method": "slta", "granularity": plan.granularity, "balance": bal,
+        report = {"method": "slta", "granularity": plan.granularity, "balance": bal, "tokens": cfg.param("tokens"),
                   "num_samples": meta["num_samples"], "seed": meta["seed"], "solved_from": str(Path(stats)),
                   "models_subset": models,
                   "samples_per_task": [int((tasks == m).sum()) for m in models],
