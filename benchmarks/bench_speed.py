@@ -18,6 +18,7 @@ need it; bfloat16's rate is printed too).
     python benchmarks/bench_speed.py --size 50m --dtype float32
     python benchmarks/bench_speed.py --size 1b --dtype bfloat16 --clean
     python benchmarks/bench_speed.py --scaling          # how the closed form grows (small models)
+    python benchmarks/bench_speed.py --size 250m --methods slta_attn_mlp --variants   # issue #16's cost table
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ SIZES = {  # name: (hidden, layers, vocab)
 }
 METHODS = ["io_floor_raw", "io_floor_safetensors", "mergekit_task_arithmetic", "mergekit_ties",
            "slta_task_arithmetic", "slta_ties", "slta_layer", "slta_attn_mlp"]
+# `--variants`: slta's options beyond the paper and the data-driven baselines (issue #16), each reported
+# as a multiple of the paper's closed form (slta_attn_mlp): name -> (merge_method, parameters)
+VARIANTS = {
+    "slta_attn_mlp_response": ("slta", {"granularity": "attn_mlp", "tokens": "response"}),
+    "slta_attn_mlp_merged": ("slta", {"granularity": "attn_mlp", "inputs": "merged"}),
+    "slta_attn_mlp_refine2": ("slta", {"granularity": "attn_mlp", "refine": 2}),
+    "slta_attn_mlp_merged_refine2": ("slta", {"granularity": "attn_mlp", "inputs": "merged", "refine": 2}),
+    "slta_regmean": ("regmean", {}),
+    "slta_regmean_plusplus": ("regmean_plusplus", {}),
+}
 MERGEKIT = ROOT / ".venv-mergekit" / "bin" / "mergekit-yaml"
 
 
@@ -105,6 +116,11 @@ def method_config(method: str, base: Path, tuned: list[Path], data: list[Path], 
                   dtype: str) -> dict:
     """The YAML each tool runs. The data-free ones are plain mergekit YAML, identical for both tools."""
     kind = method.split("_", 1)[1]
+    if method in VARIANTS:
+        name, params = VARIANTS[method]
+        return {"merge_method": name, "base_model": str(base), "dtype": dtype,
+                "parameters": {**params, "num_samples": num_samples},
+                "models": [{"model": str(m), "data": str(d)} for m, d in zip(tuned, data)]}
     if kind in ("layer", "attn_mlp"):
         return {"merge_method": "slta", "base_model": str(base), "dtype": dtype,
                 "parameters": {"granularity": kind, "num_samples": num_samples},
@@ -187,23 +203,29 @@ def speed(args: argparse.Namespace) -> None:
     if not cold:  # warm the page cache with every input once, so no method pays for the first read
         run_method("io_floor_raw", root, base, tuned, data, args.num_samples, args.dtype, args.device)
     rows = []
-    for method in args.methods.split(","):
+    methods = args.methods.split(",")
+    if args.variants:  # the paper's closed form first: the variants are reported as multiples of it
+        methods = ([] if "slta_attn_mlp" in methods else ["slta_attn_mlp"]) + methods + list(VARIANTS)
+    for method in methods:
         r = run_method(method, root, base, tuned, data, args.num_samples, args.dtype, args.device)
         rows.append(r)
         print(f"  {method}: {r['wall']:.1f}s, {r['rss']:.0f} MiB, exit {r['code']}", flush=True)
     by = {r["method"]: r for r in rows}
     floor = by.get("io_floor_raw")
     mk = by.get("mergekit_task_arithmetic")
+    cf = by.get("slta_attn_mlp")
     print("\n| method | wall (s) | peak RSS (MiB) | wall / I/O floor | wall / (I/O + compute floor) "
-          "| wall / mergekit TA | RSS / mergekit TA | exit |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| wall / mergekit TA | RSS / mergekit TA | wall / slta_attn_mlp | RSS / slta_attn_mlp | exit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         closed = r["method"] in ("slta_layer", "slta_attn_mlp")
         print(f"| {r['method']} | {r['wall']:.1f} | {r['rss']:.0f} "
               f"| {fmt_ratio(r['wall'] / floor['wall'] if floor else None)} "
               f"| {fmt_ratio(r['wall'] / (floor['wall'] + floor_s) if floor and closed else None)} "
               f"| {fmt_ratio(r['wall'] / mk['wall'] if mk else None)} "
-              f"| {fmt_ratio(r['rss'] / mk['rss'] if mk else None)} | {r['code']} |")
+              f"| {fmt_ratio(r['rss'] / mk['rss'] if mk else None)} "
+              f"| {fmt_ratio(r['wall'] / cf['wall'] if cf else None)} "
+              f"| {fmt_ratio(r['rss'] / cf['rss'] if cf else None)} | {r['code']} |")
     print(f"\nI/O floor = io_floor_raw ({floor['wall']:.1f}s)" if floor else "", end="")
     print(f"; compute floor {floor_s:.1f}s; one checkpoint {nbytes / 2**20:.0f} MiB")
     for r in rows:
@@ -257,6 +279,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--device", default="cpu", help="slta's --device (cpu | cuda)")
     ap.add_argument("--scaling", action="store_true", help="print the closed form's scaling table instead")
+    ap.add_argument("--variants", action="store_true",
+                    help="also run slta's options beyond the paper, RegMean and RegMean++ (VARIANTS), "
+                         "reported as multiples of slta_attn_mlp")
     ap.add_argument("--clean", action="store_true", help="delete the checkpoints at the end")
     args = ap.parse_args()
     if any(m.startswith("mergekit") for m in args.methods.split(",")) and not MERGEKIT.exists() and not args.scaling:

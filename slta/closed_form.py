@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from slta.architecture import Plan, layer_prefix
-from slta.calibration import calibration
+from slta.calibration import calibration_masks
 from slta.checkpoint import ShardedWriter
 from slta.config import MergeConfig
 from slta.engine import ROW_BLOCK, Client, Loaded, Stream, walk
@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # slta.features imports transformers' attention code (~1 s): 
 
 
 # What the single model-level solve compares (SPEC section 3: final hidden states or logits; say which).
+REFINE_OBJECTIVE = ("Eq. 10 (balanced: Eq. 33) on the calibration inputs, before (closed-form α) and after the "
+                    "Gauss-Newton steps; modules not listed keep their closed form (slta.refine)")
 MODEL_FEATURES = "logits of each full version, lm_head_t(norm_t(h_t)), every token: one α for every parameter"
 
 
@@ -44,6 +46,7 @@ class SltaResult:
     tasks: np.ndarray
     sample_indices: list[list[int]]
     timings: dict[str, float] = field(default_factory=dict)
+    refined: dict[str, dict[str, Any]] = field(default_factory=dict)  # refine: N, E before/after per module
 
 
 class ClosedForm(Client):
@@ -57,6 +60,10 @@ class ClosedForm(Client):
         self.task_of, self.journal = task_of, journal
         self.balance, self.rcond = ins.cfg.param("balance"), 1e-9
         self.model_level = plan.granularity == "model"
+        # beyond the paper (slta.progressive, slta.refine); the paper is inputs: base, refine: 0
+        self.inputs, self.refine = ins.cfg.param("inputs"), int(ins.cfg.param("refine"))
+        self.variant = self.inputs == "merged" or self.refine > 0
+        self.refined: dict[str, dict[str, Any]] = {}
         self.sols: dict[str, Solution] = {}
         self.alphas: dict[str, np.ndarray] = {}
         for name, info in journal.modules.items():  # resuming: the modules solved so far
@@ -76,6 +83,32 @@ class ClosedForm(Client):
         self.sols[name] = solve_module(self.store.g[name].cpu().numpy(), self.task_of, self.balance, rcond=self.rcond)
         self.alphas[name] = self.sols[name].alpha
 
+    def refine_module(self, name: str, kind: str, i: int, versions: list[dict[str, torch.Tensor]],
+                      xs: list[torch.Tensor]) -> None:
+        """`refine: N` Gauss-Newton steps on Eq. 10 / 33 from the closed-form α (slta.refine), on the
+        module's inputs `xs` (one per batch); records E before and after for the report."""
+        if self.refine <= 0:
+            return
+        from slta.progressive import module_call
+        from slta.refine import gauss_newton
+
+        prefix = layer_prefix(i)
+        module = self.plan.by_name()[name]
+        owned = [p.tensor[len(prefix):] for p in module.parts]
+        g = self.store.g[name].cpu().numpy()
+        T = g.shape[1]
+        den = np.einsum("nii->n", g) / T if self.balance else np.ones(len(g))
+        counts = np.bincount(self.task_of, minlength=T).astype(np.float64)
+        calls = [module_call(self.stream.runner, i, kind, b) for b in self.stream.batches]
+        closed = self.sols[name].alpha
+        alpha, before, after, taken = gauss_newton(calls, xs, self.stream.batches, versions, owned, closed, den,
+                                                   counts, self.refine)
+        sol = self.sols[name]
+        self.sols[name] = Solution(alpha, sol.rule, sol.rank, sol.cond, sol.A, sol.b, sol.skipped_samples)
+        self.alphas[name] = alpha
+        self.refined[name] = {"objective_before": before, "objective_after": after, "steps_taken": taken,
+                              "alpha_closed_form": [float(a) for a in closed]}
+
     def mark(self, label: str, names: list[str]) -> None:
         """Record a written group, its solved modules and the Grams so far in the resume journal."""
         if self.writer is not None:
@@ -85,6 +118,10 @@ class ClosedForm(Client):
         self.stream.embed(self.store, self.model_level)
         if not self.model_level and not self.plan.tied:
             self.solve("embed")
+            if self.inputs == "merged":  # layer 0's input in the merged model (slta.progressive)
+                from slta.progressive import merged_embedding_input
+
+                merged_embedding_input(self, self.alphas["embed"])
             if self.writer:
                 write_alpha_tensors(self.ins, self.plan, self.writer, self.alphas, names)
             self.mark("embed", ["embed"])
@@ -101,10 +138,15 @@ class ClosedForm(Client):
                 batch.hv = [runner.layer_out(i, p, h, batch) for p, h in zip(versions, batch.hv)]
             for batch in batches:
                 batch.h = batch.hv[0]  # layer i+1's (base) input
+        elif self.variant:  # inputs: merged / refine: N (slta.progressive); solves and advances h
+            from slta.progressive import variant_layer
+
+            variant_layer(self, i, versions)
         else:  # Grams of layer i's modules; advances every batch's h to the base output
             layer_features(runner, i, self.plan.layer_modules(i), versions, batches, self.store)
             for m in self.plan.layer_modules(i):
                 self.solve(m.name)
+        if not self.model_level:
             if self.writer:
                 write_alpha_tensors(self.ins, self.plan, self.writer, self.alphas, names, loaded)
             self.mark(f"layer {i}", [m.name for m in self.plan.layer_modules(i)])
@@ -134,9 +176,9 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
     T = len(ins.tuned)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    tasks, indices = calibration(ins)
+    tasks, indices, masks = calibration_masks(ins, cfg.param("tokens"))
     timings["calibration"] = time.perf_counter() - t0
-    stream = Stream.open(ins, plan, tasks, device, compute_dtype, cfg.param("batch_size"))
+    stream = Stream.open(ins, plan, tasks, device, compute_dtype, cfg.param("batch_size"), masks)
     N = sum(len(t) for t in tasks)
     task_of = np.concatenate([np.full(len(t), k, dtype=np.int64) for k, t in enumerate(tasks)])
     store = GramStore([m.name for m in plan.modules], N, T, device)
@@ -151,7 +193,8 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
         t_w = time.perf_counter()
         write_alphas(ins, plan, writer, client.alphas, progress, "slta: writing")
         timings["write"] = time.perf_counter() - t_w
-    return SltaResult(client.sols, {k: v.cpu() for k, v in store.g.items()}, task_of, indices, timings)
+    return SltaResult(client.sols, {k: v.cpu() for k, v in store.g.items()}, task_of, indices, timings,
+                      client.refined)
 
 
 def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore,
@@ -187,6 +230,9 @@ def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]
         "granularity": plan.granularity,
         **({"model_features": MODEL_FEATURES} if plan.granularity == "model" else {}),
         "balance": cfg.param("balance"),
+        "tokens": cfg.param("tokens"),
+        "inputs": cfg.param("inputs"),
+        "refine": cfg.param("refine"),
         "num_samples": cfg.param("num_samples"),
         "seed": cfg.param("seed"),
         "samples_per_task": [len(ix) for ix in res.sample_indices],
@@ -194,6 +240,7 @@ def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]
                            "exceeds rcond * max; else the minimum-norm least-squares solution over the "
                            "eigenvalues above it; A = 0 gives α = 0", "rcond": 1e-9},
         "modules": {name: sol.to_json() for name, sol in res.solutions.items()},
+        **({"refine_objective": {"objective": REFINE_OBJECTIVE, "modules": res.refined}} if res.refined else {}),
         "timings": res.timings,
     }
 

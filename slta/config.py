@@ -36,7 +36,8 @@ UNSUPPORTED_KEYS = {  # key -> why, and what slta offers
     "experts": _MOE, "gate_mode": _MOE, "experts_per_token": _MOE, "shared_experts": _MOE,
 }
 UNSUPPORTED_MODEL_KEYS = {"layer_range": f"layer ranges are not implemented; {_WHOLE_MODELS}"}
-_OFFERS = "task_arithmetic, linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, consensus_ta, regmean, slta"
+_OFFERS = ("task_arithmetic, linear, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, consensus_ta, "
+           "regmean, regmean_plusplus, slta")
 UNSUPPORTED_METHODS = {
     "slerp": "spherical interpolation is not implemented; for two models use linear (weight average), "
              "task_arithmetic or slta",
@@ -271,12 +272,27 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
                 raise ConfigError(f"{where}: parameters.{key}: expected a positive integer, got {v!r}")
         if not isinstance(cfg.param("balance"), bool):
             raise ConfigError(f"{where}: parameters.balance: expected true or false, got {cfg.param('balance')!r}")
-        if cfg.param("inputs") != "base":
-            raise ConfigError(f"{where}: parameters.inputs: only 'base' is implemented (paper A.3.3)")
+        _validate_variants(cfg, where, g)
     seed = cfg.param("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{where}: parameters.seed: expected an integer, got {seed!r}")
 
+
+
+def _validate_variants(cfg: MergeConfig, where: str, granularity: str) -> None:
+    """slta's options beyond the paper (docs/methods.md): tokens, inputs, refine."""
+    tokens, inputs, refine = cfg.param("tokens"), cfg.param("inputs"), cfg.param("refine")
+    choices = {"tokens": ("all", "response", "response_shifted"), "inputs": ("base", "merged")}
+    for key, value in (("tokens", tokens), ("inputs", inputs)):
+        if value not in choices[key]:
+            raise ConfigError(f"{where}: parameters.{key}: {value!r} is not one of {', '.join(choices[key])}")
+    if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
+        raise ConfigError(f"{where}: parameters.refine: expected a non-negative integer, got {refine!r}")
+    if inputs == "merged" and granularity not in ("layer", "attn_mlp", "head_mlp"):
+        raise ConfigError(f"{where}: parameters.inputs: merged is offered at granularity layer, attn_mlp or "
+                          f"head_mlp, not {granularity!r}")
+    if refine and granularity not in ("layer", "attn_mlp"):
+        raise ConfigError(f"{where}: parameters.refine: offered at granularity layer or attn_mlp, not {granularity!r}")
 
 
 _DEVICE_RE = re.compile(r"cpu|cuda|cuda:\d+|auto|mps")

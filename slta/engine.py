@@ -152,12 +152,14 @@ class Stream:
 
     @classmethod
     def open(cls, ins: Inputs, plan: Plan, tasks: list[list[list[int]]], device: torch.device,
-             dtype: torch.dtype = torch.float32, batch_size: int = 8) -> Stream:
-        """A runner for `plan` on `device` and the right-padded batches of every task's token ids."""
+             dtype: torch.dtype = torch.float32, batch_size: int = 8,
+             masks: list[list[list[bool]]] | None = None) -> Stream:
+        """A runner for `plan` on `device` and the right-padded batches of every task's token ids
+        (`masks`: the positions the objective counts, `tokens:`; None: every real token)."""
         from slta.features import Runner
 
         runner = Runner(plan, device, dtype)
-        return cls(ins, plan, runner, runner.make_batches(tasks, batch_size))
+        return cls(ins, plan, runner, runner.make_batches(tasks, batch_size, masks))
 
     def embed(self, store: GramStore | None = None, model_level: bool = False) -> None:
         """Set every batch's input of layer 0 (see `embed_stage`)."""

@@ -39,6 +39,13 @@ class Batch:
     h: torch.Tensor | None = None  # base hidden state entering the current layer
     # model granularity: every version's own hidden state
     hv: list[torch.Tensor] = field(default_factory=list)
+    # (b, s) bool: the positions the objective counts (`tokens:`, slta.tokens); None: every real token
+    count: torch.Tensor | None = None
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """The positions whose feature differences enter the Grams: `count`, else every real token."""
+        return self.valid if self.count is None else self.count
 
 
 def layer_type(config: Any, i: int) -> str:
@@ -65,8 +72,10 @@ class Runner:
         return self.model.model.layers[i]
 
     # -- batches --------------------------------------------------------------------------------
-    def make_batches(self, tasks: list[list[list[int]]], batch_size: int) -> list[Batch]:
-        """Right-padded batches, never mixing tasks (so a subset merge computes the same numbers)."""
+    def make_batches(self, tasks: list[list[list[int]]], batch_size: int,
+                     masks: list[list[list[bool]]] | None = None) -> list[Batch]:
+        """Right-padded batches, never mixing tasks (so a subset merge computes the same numbers).
+        `masks` (per task, per sample, per position): the positions the objective counts (`Batch.count`)."""
         batches, offset = [], 0
         types = {layer_type(self.config, i) for i in range(self.config.num_hidden_layers)}
         for t, samples in enumerate(tasks):
@@ -76,22 +85,26 @@ class Runner:
                 s = max(len(samples[j]) for j in chunk)
                 ids = torch.zeros(len(chunk), s, dtype=torch.long)
                 valid = torch.zeros(len(chunk), s, dtype=torch.bool)
+                count = None if masks is None else torch.zeros(len(chunk), s, dtype=torch.bool)
                 for r, j in enumerate(chunk):
                     ids[r, :len(samples[j])] = torch.tensor(samples[j])
                     valid[r, :len(samples[j])] = True
+                    if count is not None:
+                        count[r, :len(samples[j])] = torch.tensor(masks[t][j], dtype=torch.bool)
                 ids, valid = ids.to(self.device), valid.to(self.device)
                 pos = torch.arange(s, device=self.device)[None]
                 dummy = torch.empty(len(chunk), s, self.config.hidden_size, device=self.device, dtype=self.dtype)
-                masks = {}
+                attn_masks = {}
                 # `cache`, not `past_key_values`: that name is deprecated and goes in transformers 5.40
                 kw = dict(config=self.config, inputs_embeds=dummy, attention_mask=valid.long(),
                           cache=None, position_ids=pos)
                 if "full_attention" in types:
-                    masks["full_attention"] = create_causal_mask(**kw)
+                    attn_masks["full_attention"] = create_causal_mask(**kw)
                 if "sliding_attention" in types:
-                    masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+                    attn_masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
                 batches.append(Batch(t, [offset + j for j in chunk], ids, valid, pos,
-                                     self.rotary(dummy, pos), masks))
+                                     self.rotary(dummy, pos), attn_masks,
+                                     count=None if count is None else count.to(self.device)))
             offset += len(samples)
         return batches
 
@@ -148,8 +161,9 @@ class GramStore:
         self.g = {m: torch.zeros(num_samples, T, T, dtype=torch.float64, device=device) for m in modules}
 
     def add(self, module: str, feats: list[torch.Tensor], batch: Batch, valid: torch.Tensor | None = None) -> None:
-        """Accumulate G from T+1 feature tensors (version 0 = base) of shape (b, s, ...)."""
-        valid = batch.valid if valid is None else valid
+        """Accumulate G from T+1 feature tensors (version 0 = base) of shape (b, s, ...), over the
+        positions the objective counts (`Batch.counted`; `valid` narrows them further)."""
+        valid = batch.counted if valid is None else (valid if batch.count is None else valid & batch.count)
         base = feats[0]
         b, s = base.shape[0], base.shape[1]
         # Δf_t = f_t - f_0 is taken in the features' dtype and written straight into one float64
@@ -195,13 +209,13 @@ def layer_features(runner: Runner, i: int, modules: list[Module], versions: list
         mlp = [runner.mlp_out(i, p, m) for p in versions]
         store.add(f"layers.{i}.mlp", mlp, batch)
         if heads:
-            _head_features(runner, i, heads, versions, h, batch, store)
+            head_features(runner, i, heads, versions, h, batch, store)
         if linears:
             _linear_features(runner, i, linears, versions, h, batch, store)
         batch.h = m + mlp[0]
 
 
-def _head_features(runner: Runner, i: int, heads: list[Module], versions: list[dict[str, torch.Tensor]],
+def head_features(runner: Runner, i: int, heads: list[Module], versions: list[dict[str, torch.Tensor]],
                    h: torch.Tensor, batch: Batch, store: GramStore) -> None:
     """Each key/value group's contribution to o_proj's output (paper A.3.5)."""
     cfg = runner.config

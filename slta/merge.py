@@ -70,10 +70,12 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
         plan = tensor_plan(ins.base.names())
     out = Path(out)
     report: dict[str, Any] = {"method": method.name}
-    resumable = resume and not (method.name == "regmean" or granularity == "model")
+    variant = method.name == "slta" and (cfg.param("inputs") == "merged" or cfg.param("refine"))
+    resumable = resume and not (method.name in ("regmean", "regmean_plusplus") or granularity == "model" or variant)
     if resume and not resumable:
-        log.warning("%s merges are not resumable (%s); this run starts from the beginning",
-                    method.name, "two passes over the model" if granularity == "model" else "no journal")
+        why = ("two passes over the model" if granularity == "model" else
+               "inputs: merged / refine keep no journal" if variant else "no journal")
+        log.warning("%s merges are not resumable (%s); this run starts from the beginning", method.name, why)
     needed = output_bytes(ins, plan)
     with atomic_output(out, overwrite, resume=resumable, inputs=inputs, needed=needed) as tmp:
         fingerprint = hashlib.sha256(json.dumps([cfg.model_dump(mode="json"), dtype_name(ins.out_dtype),
@@ -91,10 +93,11 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
                 report.update(slta_report(cfg, plan, res))
                 if save_stats:
                     write_stats(tmp / "slta_stats.safetensors", cfg, ins, plan, res)
-            elif method.name == "regmean":
+            elif method.name in ("regmean", "regmean_plusplus"):
                 from slta.regmean_stream import run_regmean
 
-                report.update(run_regmean(ins, plan, writer, dev, progress))
+                report.update(run_regmean(ins, plan, writer, dev, progress,
+                                          progressive=method.name == "regmean_plusplus"))
             elif method.tensor_fn is not None:
                 merge_data_free(ins, plan, writer, dev, progress, journal)
             else:

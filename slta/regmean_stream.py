@@ -40,9 +40,11 @@ class RegMean(Client):
                                     for _ in range(self.T)])
         g[task] += x.T @ x
 
-    def merge(self, grams: dict[str, list[torch.Tensor]], group: list[str], prefix: str, loaded: Loaded) -> None:
-        """Merge and write one group: linears by RegMean, the rest averaged."""
-        _merge_grams(grams, group, prefix, loaded, self.writer, self.T, self.alpha, self.rules, self.device)
+    def merge(self, grams: dict[str, list[torch.Tensor]], group: list[str], prefix: str, loaded: Loaded,
+              keep: bool = False) -> dict[str, torch.Tensor]:
+        """Merge and write one group: linears by RegMean, the rest averaged (`keep`: return the merged tensors)."""
+        return _merge_grams(grams, group, prefix, loaded, self.writer, self.T, self.alpha, self.rules, self.device,
+                            keep)
 
     def embed(self, names: list[str], loaded: Loaded | None) -> None:
         self.stream.embed()  # the base's inputs only
@@ -73,35 +75,89 @@ class RegMean(Client):
         self.merge(grams, names, "", loaded)
 
 
+class RegMeanPlusPlus(RegMean):
+    """RegMean++ (Nguyen et al. 2025): the same closed form on the merge's own inputs. Task t's stream
+    enters layer l as the merged layers 0..l-1 left it (cross-layer), starting from the merged (averaged)
+    embedding; inside layer l each linear's input is the one candidate t's layer l computes on that
+    stream (intra-layer, as in the authors' and FusionBench's implementations); after layer l is merged
+    the stream advances through the merged layer. The lm_head's input for task t: candidate t's final
+    norm on the merged stream."""
+
+    desc = "regmean++: layers"
+
+    def embed(self, names: list[str], loaded: Loaded | None) -> None:
+        kept = self.merge({}, names, "", loaded, keep=True)
+        emb = kept[self.plan.tensor_order[0]].to(self.device)
+        for b in self.stream.batches:  # the merged embedding's rows: layer 0's input in the merge
+            b.h = emb[b.ids] * b.valid[..., None]
+
+    def layer(self, i: int, names: list[str], loaded: Loaded | None) -> None:
+        from slta.features import capture_linear_inputs, sub, to_compute
+
+        grams: dict[str, list[torch.Tensor]] = {}
+        prefix = layer_prefix(i)
+        versions = [to_compute(sub(ld, prefix), self.device, torch.float32) for ld in loaded]
+        runner = self.stream.runner
+        for b in self.stream.batches:  # candidate t's layer on task t's merged stream
+            captured, _ = capture_linear_inputs(runner, i, versions[b.task + 1], b.h, b)
+            for name, x in captured.items():
+                self.accumulate(grams, name, b.task, x[b.valid])
+        merged = to_compute(sub(self.merge(grams, names, prefix, loaded, keep=True), prefix), self.device,
+                            torch.float32)
+        for b in self.stream.batches:  # the merged layer's output: layer i+1's input
+            b.h = runner.layer_out(i, merged, b.h, b)
+
+    def head(self, names: list[str], loaded: Loaded | None) -> None:
+        from torch.func import functional_call
+
+        grams: dict[str, list[torch.Tensor]] = {}
+        if "lm_head.weight" in names:
+            norms = [{"weight": ld["model.norm.weight"].to(self.device, torch.float32)} for ld in loaded[1:]]
+            for b in self.stream.batches:
+                x = functional_call(self.stream.runner.model.model.norm, norms[b.task], (b.h,))[b.valid]
+                self.accumulate(grams, "lm_head", b.task, x)
+        self.merge(grams, names, "", loaded)
+
+
 def run_regmean(ins: Inputs, plan: Plan, writer: ShardedWriter, device: torch.device,
-                progress: bool = True) -> dict[str, Any]:
-    """Stream the base forward pass, accumulate per-task input Grams of every linear, merge, write."""
+                progress: bool = True, progressive: bool = False) -> dict[str, Any]:
+    """Stream the base forward pass (RegMean++, `progressive`: the merge's own forward pass), accumulate
+    per-task input Grams of every linear, merge, write."""
     cfg = ins.cfg
     alpha = float(cfg.param("alpha"))
     if not 0 <= alpha <= 1:
-        raise ValueError(f"regmean: parameters.alpha must be in [0, 1], got {alpha}")
+        name = "regmean_plusplus" if progressive else "regmean"
+        raise ValueError(f"{name}: parameters.alpha must be in [0, 1], got {alpha}")
     t0 = time.perf_counter()
     tasks, indices = calibration(ins)
     stream = Stream.open(ins, plan, tasks, device, torch.float32, cfg.param("batch_size"))
-    client = RegMean(ins, plan, writer, stream, alpha, device)
+    client = (RegMeanPlusPlus if progressive else RegMean)(ins, plan, writer, stream, alpha, device)
     walk(ins, plan, client, progress)
-    return {"regmean": {"alpha": alpha, "solver_rules": client.rules, "samples_per_task": [len(ix) for ix in indices]},
+    key = "regmean_plusplus" if progressive else "regmean"
+    return {key: {"alpha": alpha, "solver_rules": client.rules, "samples_per_task": [len(ix) for ix in indices]},
             "timings": {"total_regmean": time.perf_counter() - t0}}
 
 
-def _merge_grams(grams, group, prefix, loaded, writer, T, alpha, rules, device) -> None:
-    """Linear weights by RegMean; everything else in the group (biases, norms, embeddings) averaged."""
-    done = set()
+def _merge_grams(grams, group, prefix, loaded, writer, T, alpha, rules, device, keep=False) -> dict[str, torch.Tensor]:
+    """Linear weights by RegMean; everything else in the group (biases, norms, embeddings) averaged.
+    With `keep`, returns the merged tensors as written (before the output dtype cast), in float32."""
+    done, kept = set(), {}
     for name in list(grams):
         g = grams.pop(name)  # free each linear's Grams once it is merged
         key = f"{prefix}{name}.weight"
         w, rule = regmean_weight(g, [ld[key].to(device) for ld in loaded[1:]], alpha)
         del g
         writer.write(key, w)
+        if keep:
+            kept[key] = w.to(torch.float32)
         rules[f"{prefix}{name}"] = rule
         done.add(key)
     for n in group:
         if n not in done:
-            writer.write(n, sum(ld[n].to(torch.float32) for ld in loaded[1:]) / T)
+            w = sum(ld[n].to(torch.float32) for ld in loaded[1:]) / T
+            writer.write(n, w)
+            if keep:
+                kept[n] = w
+    return kept
 
 

@@ -61,6 +61,18 @@ def parameter_lines(report: dict[str, Any]) -> list[str]:
     return lines + [""] if len(lines) > 2 else []
 
 
+def variant_sentence(report: dict[str, Any]) -> str:
+    """How the closed form was run: the paper's way, or with slta's options beyond it (docs/methods.md)."""
+    inputs = ("with inputs from the model merged so far (progressive, paper A.5.3)" if report.get("inputs") == "merged"
+              else "with inputs from the base model")
+    extra = []
+    if report.get("tokens", "all") != "all":
+        extra.append(f"counting only the response positions (`tokens: {report['tokens']}`)")
+    if report.get("refine"):
+        extra.append(f"then refined by {report['refine']} Gauss-Newton step(s) on the exact objective (Eq. 10)")
+    return inputs + "".join(f", {e}" for e in extra) + "."
+
+
 def model_card(report: dict[str, Any]) -> str:
     method = report.get("method", "?")
     tags = list(dict.fromkeys(["merge", method, "slta"]))  # method "slta" must not repeat the tag
@@ -75,7 +87,7 @@ def model_card(report: dict[str, Any]) -> str:
         lines += [f"- granularity: `{report.get('granularity')}`, balanced: `{report.get('balance')}`, "
                   f"calibration samples per task: {report.get('samples_per_task')}", "",
                   "Each submodule's merge weights α were solved in closed form (Eq. 12-14, balanced Eq. 33-34 of "
-                  "the paper) from the calibration samples, with inputs from the base model.", "",
+                  "the paper) from the calibration samples, " + variant_sentence(report), "",
                   "## Merge weights α (per module kind: mean [min, max] per model)", "",
                   "| kind | modules | " + " | ".join(f"model {i + 1}" for i in range(len(report.get('models', [])))) + " |",
                   "|---|---|" + "---|" * len(report.get("models", []))]

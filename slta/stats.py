@@ -68,6 +68,19 @@ def read_stats(path: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray, dic
     return grams, tasks, meta
 
 
+def check_solvable(meta: dict[str, Any], stats: str | Path) -> None:
+    """The saved Grams determine α only for the paper's solve on its inputs. `tokens: response` changes
+    which positions the Grams sum over: solvable. `inputs: merged` measured each layer on the inputs of a
+    merge with its own α (another subset or balance changes them), and `refine` moves α off the Grams'
+    closed form: both need a forward pass (`slta merge`)."""
+    params = (meta.get("config") or {}).get("parameters") or {}
+    needs = [f"{k}: {params[k]}" for k, paper in (("inputs", "base"), ("refine", 0))
+             if params.get(k, paper) != paper]
+    if needs:
+        raise MergeError(f"statistics {stats}: measured with {' and '.join(needs)}, which needs a forward pass: "
+                         f"`slta solve` cannot re-solve it from saved statistics; run `slta merge` instead")
+
+
 def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = None, balance: bool | None = None,
               overwrite: bool = False, shard_size: str | int = "5GB", dtype: str | None = None,
               progress: bool = True) -> Path:
@@ -75,6 +88,7 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
     balanced, and write the merge. No forward pass: only the T+1 checkpoints are read again."""
     started = time.perf_counter()
     grams, tasks, meta = read_stats(stats)
+    check_solvable(meta, stats)
     stats_inputs = {f"statistics {stats}": stats, f"base_model {meta['base_model']}": meta["base_model"],
                     **{f"model {p}": p for p in meta["models"]}, **{f"data {p}": p for p in meta["data"]}}
     check_output(out, overwrite, stats_inputs)
@@ -113,7 +127,7 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
         except BaseException:
             writer.abort()
             raise
-        report = {"method": "slta", "granularity": plan.granularity, "balance": bal,
+        report = {"method": "slta", "granularity": plan.granularity, "balance": bal, "tokens": cfg.param("tokens"),
                   "num_samples": meta["num_samples"], "seed": meta["seed"], "solved_from": str(Path(stats)),
                   "models_subset": models,
                   "samples_per_task": [int((tasks == m).sum()) for m in models],

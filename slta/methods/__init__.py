@@ -82,7 +82,9 @@ register(
             "balance": True,
             "max_length": 2048,
             "batch_size": 8,
-            "inputs": "base",
+            "inputs": "base",  # beyond the paper: merged (A.5.3, slta.progressive)
+            "tokens": "all",  # beyond the paper: response, response_shifted (slta.tokens)
+            "refine": 0,  # beyond the paper: Gauss-Newton steps on Eq. 10 (slta.refine)
         },
         reference="Dai et al., Leveraging Submodule Linearity Enhances Task Arithmetic Performance in LLMs, ICLR 2025",
     )

@@ -12,6 +12,12 @@ Parameters of no linear layer (embeddings, norms) and linear biases are averaged
 merge (a client of slta.engine) is slta.regmean_stream.run_regmean.
 Linear systems are solved by Cholesky; when Σ G_t is singular (alpha = 1 with fewer tokens than
 input features) the minimum-norm least-squares solution is used, and reported.
+
+RegMean++ (`regmean_plusplus`; Nguyen et al. 2025, arXiv:2508.03121) is the same closed form with the
+inputs taken from the merge: task t's input of layer l is the *merged* layer l-1's output on task t's
+stream (cross-layer dependence), and inside layer l the inputs of its linears are those of candidate
+t's own layer l on that stream (intra-layer dependence), X_t^(l,j) from f_t^(l)(X_t^(l)). See
+slta.regmean_stream.
 """
 
 from __future__ import annotations
@@ -27,6 +33,18 @@ register(
         needs_data=True,
         method_params={"alpha": 0.9, "num_samples": 30, "max_length": 2048, "batch_size": 8},
         reference="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
+    )
+)
+
+
+register(
+    Method(
+        name="regmean_plusplus",
+        tensor_fn=None,
+        needs_data=True,
+        method_params={"alpha": 0.9, "num_samples": 30, "max_length": 2048, "batch_size": 8},
+        reference="Nguyen et al., RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for "
+                  "Model Merging, arXiv:2508.03121 (2025)",
     )
 )
 
