@@ -12,6 +12,11 @@ from slta import __version__
 
 
 def _merge(a: argparse.Namespace) -> None:
+    if a.dry_run:
+        from slta.memory import dry_run
+
+        dry_run(a.config, device=a.device)
+        return
     from slta.merge import run_merge
 
     # mergekit's form `mergekit-yaml CONFIG OUT` works too; -o OUT is slta's
@@ -104,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="work in OUT.partial and keep it if interrupted; rerun with --resume to continue "
                         "from the layers already written")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--dry-run", action="store_true", help="print the module plan and the estimated peak memory "
+                   "(RAM; VRAM with --device cuda) from the checkpoints' headers; read no weights, write nothing")
     m.set_defaults(func=_merge)
 
     s = sub.add_parser("solve", help="re-solve a closed-form merge from saved statistics (no forward pass)")

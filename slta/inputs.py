@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def memory_total(device: torch.device | None = None) -> int:
+    """Bytes of RAM of this machine (or of the GPU's memory for a CUDA device)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def input_paths(cfg: MergeConfig) -> dict[str, Path]:
     """Every path a merge reads, labelled as the config names it (for the output-folder checks)."""
     paths = {f"base_model {cfg.base_model}": cfg.path(cfg.base_model)} if cfg.base_model else {}
@@ -79,8 +87,9 @@ def output_bytes(ins: Inputs, plan: Plan) -> int:
     return sum(math.prod(ins.base.shapes[n]) * item for n in plan.tensor_order)
 
 
-def open_inputs(cfg: MergeConfig) -> Inputs:
-    """Open and cross-check every checkpoint before any heavy work."""
+def open_inputs(cfg: MergeConfig, check_weights: bool = True) -> Inputs:
+    """Open and cross-check every checkpoint before any heavy work (`check_weights=False`: headers
+    only, no weight read: the fine-tunes' distances from the base are not checked)."""
     base_path = cfg.model_path(cfg.base_model) if cfg.base_model else cfg.model_path(cfg.models[0].model)
     base_label = f"base_model {cfg.base_model}" if cfg.base_model else f"model {cfg.models[0].model}"
     if cfg.trust_remote_code:
@@ -113,7 +122,8 @@ def open_inputs(cfg: MergeConfig) -> Inputs:
                                  f"{base_label} has {list(base.shapes[n])}")
         tuned.append(ck)
     warnings: list[str] = []
-    check_distances(base, tuned, base_label, hf.num_hidden_layers, warnings)
+    if check_weights:
+        check_distances(base, tuned, base_label, hf.num_hidden_layers, warnings)
     check_tokenizers(base, tuned, base_label)
     if not any((base.folder / n).exists() for n in VOCAB_FILES):
         warnings.append(f"{base_label}: no tokenizer files in {base.folder}: the merged folder will have none "

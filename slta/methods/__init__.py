@@ -81,7 +81,8 @@ register(
             "num_samples": 30,
             "balance": True,
             "max_length": 2048,
-            "batch_size": 8,
+            "batch_size": 8,  # calibration samples per batch
+            "batch_tokens": 16384,  # padded tokens per batch at most (bounds the activations; slta.memory)
             "inputs": "base",
         },
         reference="Dai et al., Leveraging Submodule Linearity Enhances Task Arithmetic Performance in LLMs, ICLR 2025",
