@@ -36,7 +36,8 @@ from slta.inputs import Inputs, memory_total, open_inputs, resolve_device
 GIB = 2**30
 BASE_RSS = int(0.45 * GIB)  # the process after imports, tokenizer and checks (measured: 0.33-0.5 GiB)
 CUDA_CONTEXT = int(0.5 * GIB)  # CUDA's own context on the GPU
-# float32 copies of the largest tensor a data-free method holds at once, beyond the T fine-tunes:
+# float32 copies of the largest tensor a data-free method holds at once, beyond the T fine-tunes
+# (which only methods without `tuned_as_stored` convert to float32):
 # base, sum, one task vector (+ magnitudes, a top-k int32 temporary and boolean masks when sparsifying,
 # + the divisor and sign masks under sign election)
 WORK = {"task_arithmetic": 3, "linear": 3, "ties": 6, "dare_ties": 6, "breadcrumbs_ties": 6,
@@ -81,7 +82,7 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
     est.notes.append(f"read ahead: {'every group' if all(reads_ahead[:-1]) else 'groups up to ' + _gib(limit) + ' GiB'}"
                      f" (T+1 versions; layer group {_gib(group_bytes(ins, groups[1][1]))} GiB)")
     if method != "slta":
-        k = WORK.get(method, 6) + T1 - 1
+        k = WORK.get(method, 6) + (0 if cfg.method().tuned_as_stored else T1 - 1)  # float32 fine-tunes
         for j, (label, names) in enumerate(groups):
             F, _ = _f32(ins, names)
             ahead = group_bytes(ins, groups[j + 1][1]) if reads_ahead[j] else 0

@@ -1,5 +1,6 @@
-"""`slta merge --dry-run` (plan and memory estimate, nothing written) and the memory knobs of issue #18:
-calibration batches bounded by batch_size and batch_tokens, read-ahead and upcasting of huge layers."""
+"""Scale (issue #18): `slta merge --dry-run` (plan and memory estimate, nothing written) and the memory
+knobs of huge models: calibration batches bounded by batch_size and batch_tokens, no read-ahead and
+per-submodule upcasting of huge layers, fine-tunes kept as stored by the data-free methods."""
 
 from __future__ import annotations
 
@@ -93,3 +94,20 @@ def test_huge_layers_are_not_read_ahead_nor_upcast_whole(tmp_path, monkeypatch):
     out = Checkpoint(run_merge(cfg, tmp_path / "lazy", progress=False))
     for n in ref.names():
         assert torch.equal(ref.get(n), out.get(n)), n
+
+
+def test_tuned_as_stored_is_bit_identical_to_float32_fine_tunes():
+    """TA, TIES, DARE and breadcrumbs take bfloat16 fine-tunes as stored: `tuned - base` promotes exactly."""
+    from slta.methods import get
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=g).bfloat16()
+    tuned = [(base.float() + 0.05 * torch.randn(64, 48, generator=g)).bfloat16() for _ in range(3)]
+    for name, params in [("task_arithmetic", {"weight": 0.3}), ("ties", {"weight": 1.0, "density": 0.3}),
+                         ("dare_ties", {"weight": 1.0, "density": 0.5}),
+                         ("breadcrumbs", {"weight": 1.0, "density": 0.8, "gamma": 0.05})]:
+        m = get(name)
+        assert m.tuned_as_stored, name
+        as_stored = m.tensor_fn("w", base.float(), tuned, [params] * 3, {}, 0)
+        as_f32 = m.tensor_fn("w", base.float(), [t.float() for t in tuned], [params] * 3, {}, 0)
+        assert as_stored.dtype == torch.float32 and torch.equal(as_stored, as_f32), name
