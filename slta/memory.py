@@ -122,11 +122,12 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
     est.notes.append(f"calibration: {len(lengths)} samples, longest {s} tokens, {b} per batch, "
                      f"{all_tokens} padded tokens")
     if gpu:
-        est.ram = {"embed": BASE_RSS + T1 * min(ROW_BLOCK, vocab) * H * ins.base.dtypes[plan.tensor_order[0]].itemsize,
+        est.ram = {"embed": BASE_RSS + G + T1 * min(ROW_BLOCK, vocab) * H * ins.base.dtypes[plan.tensor_order[0]].itemsize,
                    "layers": BASE_RSS + G + ahead + write, "head": BASE_RSS + write}
         est.vram = {"embed": CUDA_CONTEXT + embed, "layers": CUDA_CONTEXT + feats, "head": CUDA_CONTEXT + head}
     else:
-        est.ram = {"embed": BASE_RSS + embed, "layers": BASE_RSS + G + ahead + max(feats, write + hidden_all),
+        # the engine reads layer 0 while the embedding stage (row blocks, its own reads) runs
+        est.ram = {"embed": BASE_RSS + embed + G, "layers": BASE_RSS + G + ahead + max(feats, write + hidden_all),
                    "head": BASE_RSS + head}
     return est
 
