@@ -192,8 +192,10 @@ def upcast_whole_layer(nbytes: int, device: torch.device) -> bool:
     """Whether a layer whose T+1 versions take `nbytes` in the compute dtype is converted whole, up
     front (UPCAST_FRACTION of the device's memory), or kept as stored and converted one submodule of
     one version at a time in `Runner.w` (a 70B layer: 13.7 GB in float32 for T=3). Lazily, each
-    batch converts each version again: the cost is one pass over the layer's weights per batch and
-    version, about 5% of the batch's matmuls at 1024 tokens per batch."""
+    batch converts each version again: one pass over the layer's weights per batch and version. On
+    the 2-core test machine, upcasting a 70B MLP matrix took 1.8-2.3 s against 58 s for the version's
+    matmuls on a batch of 1024 tokens (one thread, contended): about 10%, less with larger batches
+    (`batch_size`, `batch_tokens`)."""
     from slta.inputs import memory_total
 
     return nbytes <= memory_total(device) * UPCAST_FRACTION
