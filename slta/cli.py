@@ -12,6 +12,11 @@ from slta import __version__
 
 
 def _merge(a: argparse.Namespace) -> None:
+    if a.dry_run:
+        from slta.memory import dry_run
+
+        dry_run(a.config, device=a.device)
+        return
     from slta.merge import run_merge
 
     # mergekit's form `mergekit-yaml CONFIG OUT` works too; -o OUT is slta's
@@ -84,7 +89,12 @@ def _model_indices(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated model indices such as 0,2, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+CORE_COMMANDS = ("merge", "solve", "eval", "zoo")  # defined here; the others come from COMMAND_MODULES
+
+
+def build_parser(extra: bool = True) -> argparse.ArgumentParser:
+    """The parser; `extra=False` leaves out the subcommands of COMMAND_MODULES (importing slta.linearity
+    pulls in transformers' attention code and torch._dynamo: 1-3 s that `slta merge` does not need)."""
     p = argparse.ArgumentParser(prog="slta", description="Submodule-linearity task arithmetic: merge LLMs "
                                 "fine-tuned from one base, with closed-form per-submodule weights.")
     p.add_argument("--version", action="version", version=f"slta {__version__}")
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="work in OUT.partial and keep it if interrupted; rerun with --resume to continue "
                         "from the layers already written")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--dry-run", action="store_true", help="print the module plan and the estimated peak memory "
+                   "(RAM; VRAM with --device cuda) from the checkpoints' headers; read no weights, write nothing")
     m.set_defaults(func=_merge)
 
     s = sub.add_parser("solve", help="re-solve a closed-form merge from saved statistics (no forward pass)")
@@ -147,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     zb.add_argument("-q", "--quiet", action="store_true")
     zb.set_defaults(func=_zoo)
 
-    for register in _extra_commands():
+    for register in _extra_commands() if extra else []:
         register(sub)
     return p
 
@@ -183,7 +195,8 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    args = build_parser(extra=not (words and words[0] in CORE_COMMANDS)).parse_args(argv)
     _pin_mmap_threshold()
     import signal
 

@@ -129,10 +129,13 @@ class ClosedForm(Client):
             self.mark("embed", [])
 
     def layer(self, i: int, names: list[str], loaded: Loaded | None) -> None:
-        from slta.features import layer_features, sub, to_compute
+        from slta.features import layer_features, sub, to_compute, upcast_whole_layer
 
         runner, batches = self.stream.runner, self.stream.batches
-        versions = [to_compute(sub(g, layer_prefix(i)), runner.device, runner.dtype) for g in loaded]
+        versions = [sub(g, layer_prefix(i)) for g in loaded]
+        size = sum(t.numel() for g in versions for t in g.values()) * runner.dtype.itemsize
+        if upcast_whole_layer(size, runner.device):  # else each submodule is converted when it runs
+            versions = [to_compute(g, runner.device, runner.dtype) for g in versions]
         if self.model_level:  # every version's own hidden state: Grams of the final features only
             for batch in batches:
                 batch.hv = [runner.layer_out(i, p, h, batch) for p, h in zip(versions, batch.hv)]
@@ -178,7 +181,8 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
     t0 = time.perf_counter()
     tasks, indices, masks = calibration_masks(ins, cfg.param("tokens"))
     timings["calibration"] = time.perf_counter() - t0
-    stream = Stream.open(ins, plan, tasks, device, compute_dtype, cfg.param("batch_size"), masks)
+    stream = Stream.open(ins, plan, tasks, device, compute_dtype, cfg.param("batch_size"), masks,
+                         cfg.param("batch_tokens"))
     N = sum(len(t) for t in tasks)
     task_of = np.concatenate([np.full(len(t), k, dtype=np.int64) for k, t in enumerate(tasks)])
     store = GramStore([m.name for m in plan.modules], N, T, device)

@@ -266,7 +266,7 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
         g = cfg.param("granularity")
         if g not in GRANULARITIES:
             raise ConfigError(f"{where}: parameters.granularity: {g!r} is not one of {', '.join(GRANULARITIES)}")
-        for key in ("num_samples", "max_length", "batch_size"):
+        for key in ("num_samples", "max_length", "batch_size", "batch_tokens"):
             v = cfg.param(key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{where}: parameters.{key}: expected a positive integer, got {v!r}")

@@ -37,7 +37,7 @@ class DataFree(Client):
         for n in group:
             per_model, shared = resolve_tensor_params(method, self.own, cfg.parameters, n, layer_index(n), plan.num_layers)
             base = loaded[0][n].to(device, torch.float32)
-            tuned = [g[n].to(device, torch.float32) for g in loaded[1:]]
+            tuned = [g[n].to(device, None if method.tuned_as_stored else torch.float32) for g in loaded[1:]]
             merged = method.tensor_fn(n, base, tuned, per_model, shared, self.seed)
             if not all_finite(merged):
                 raise MergeError(f"{method.name} produced non-finite values for tensor {n}")

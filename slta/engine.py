@@ -26,6 +26,8 @@ to the engine.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,14 +38,21 @@ from tqdm.auto import tqdm
 
 from slta.architecture import Plan, layer_prefix
 from slta.checkpoint import Checkpoint
-from slta.inputs import Inputs, check_finite, check_group, read_group
+from slta.inputs import Inputs, check_finite, check_group, memory_total, read_group
 
 if TYPE_CHECKING:  # slta.features imports transformers' attention code (~1 s): only data-driven clients need it
     from slta.features import Batch, GramStore, Runner
 
 ROW_BLOCK = 16384  # rows per block when streaming vocab-sized tensors
+# Read the next group ahead (overlapping reading with work) only while its T+1 versions and the current
+# group's each take at most this fraction of the machine's RAM: a 70B layer (T=3, bfloat16: 6.4 GiB)
+# is read after the current one is released instead, and nothing is read while it is worked on. SLTA_PREFETCH_MAX (bytes)
+# overrides the limit (0: never read ahead).
+PREFETCH_FRACTION = 1 / 8
+STAGE = "idle"  # the group being worked on ("embed", "layer i", "head"), then "finish"; read by samplers
 
 Group = tuple[str, list[str]]  # ("embed" | "layer i" | "head", tensor names)
+
 Loaded = list[dict[str, torch.Tensor]]  # one dict of tensors per version: base first, then the T fine-tunes
 
 
@@ -57,31 +66,47 @@ def layer_groups(plan: Plan) -> list[tuple[str, list[str]]]:
     return groups
 
 
+def group_bytes(ins: Inputs, names: list[str]) -> int:
+    """Bytes of one group's T+1 versions as stored (every version has the base's shapes and dtypes)."""
+    one = sum(math.prod(ins.base.shapes[n]) * ins.base.dtypes[n].itemsize for n in names)
+    return one * len(ins.all)
+
+
+def prefetch_limit() -> int:
+    """Largest group (T+1 versions, bytes) read ahead of the one being worked on (PREFETCH_FRACTION)."""
+    env = os.environ.get("SLTA_PREFETCH_MAX")
+    return int(env) if env else int(memory_total() * PREFETCH_FRACTION)
+
+
 def prefetched(ins: Inputs, groups: list[tuple[str, list[str]]], skip: Callable[[str], bool] = lambda label: False
                ) -> Iterator[tuple[str, list[str], list[dict[str, torch.Tensor]] | None]]:
     """Yield (label, names, loaded T+1 tensors) for each group, reading the next group in a background
     thread while the caller works on this one (file reads release the GIL, so the two cores overlap
-    reading and arithmetic). Groups for which `skip(label)` holds are yielded unread (None).
-    Memory: two groups at a time."""
-    todo = groups
+    reading and arithmetic) when both fit `prefetch_limit()`; otherwise the next group is read after
+    the caller has released this one. Groups for which `skip(label)` holds are yielded unread (None).
+    Memory: two groups at a time when read ahead, else one."""
+    todo, limit = groups, prefetch_limit()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slta-reader") as pool:
         futures = {}
 
-        def submit(k: int) -> None:
+        def submit(k: int, current: list[str] | None) -> None:
             while k < len(todo) and k not in futures:
                 if not skip(todo[k][0]):
-                    futures[k] = pool.submit(read_group, ins, todo[k][1])
+                    if current is None or max(group_bytes(ins, current), group_bytes(ins, todo[k][1])) <= limit:
+                        futures[k] = pool.submit(read_group, ins, todo[k][1])
                     return
                 k += 1
 
-        submit(0)
+        submit(0, None)
         for k, (label, names) in enumerate(todo):
             if skip(label):
                 yield label, names, None
                 continue
-            loaded = futures.pop(k).result()
-            submit(k + 1)
+            future = futures.pop(k, None)
+            loaded = future.result() if future is not None else read_group(ins, names)
+            submit(k + 1, names)
             yield label, names, check_group(ins, loaded)
+            del loaded  # before the next group is read
 
 
 def load_group_of(ck: Checkpoint, group: list[str], i: int, device: torch.device,
@@ -153,13 +178,13 @@ class Stream:
     @classmethod
     def open(cls, ins: Inputs, plan: Plan, tasks: list[list[list[int]]], device: torch.device,
              dtype: torch.dtype = torch.float32, batch_size: int = 8,
-             masks: list[list[list[bool]]] | None = None) -> Stream:
+             masks: list[list[list[bool]]] | None = None, batch_tokens: int = 1 << 62) -> Stream:
         """A runner for `plan` on `device` and the right-padded batches of every task's token ids
         (`masks`: the positions the objective counts, `tokens:`; None: every real token)."""
         from slta.features import Runner
 
         runner = Runner(plan, device, dtype)
-        return cls(ins, plan, runner, runner.make_batches(tasks, batch_size, masks))
+        return cls(ins, plan, runner, runner.make_batches(tasks, batch_size, masks, batch_tokens))
 
     def embed(self, store: GramStore | None = None, model_level: bool = False) -> None:
         """Set every batch's input of layer 0 (see `embed_stage`)."""
@@ -209,7 +234,9 @@ def walk(ins: Inputs, plan: Plan, client: Client, progress: bool = True, groups:
     skip: Callable[[str], bool] = lambda label: client.done(label) or not client.reads(label)  # noqa: E731
     bar = tqdm(prefetched(ins, groups, skip=skip), total=len(groups), desc=client.desc, disable=not progress,
                unit="layer")
+    global STAGE
     for label, names, loaded in bar:
+        STAGE = label
         if show_label:
             bar.set_postfix_str(label)
         if client.done(label):  # resuming: only the base forward pass is replayed
@@ -226,3 +253,4 @@ def walk(ins: Inputs, plan: Plan, client: Client, progress: bool = True, groups:
         else:
             client.layer(int(label.split()[1]), names, loaded)
         del loaded
+    STAGE = "finish"

@@ -73,16 +73,13 @@ class Runner:
 
     # -- batches --------------------------------------------------------------------------------
     def make_batches(self, tasks: list[list[list[int]]], batch_size: int,
-                     masks: list[list[list[bool]]] | None = None) -> list[Batch]:
-        """Right-padded batches, never mixing tasks (so a subset merge computes the same numbers).
-        `masks` (per task, per sample, per position): the positions the objective counts (`Batch.count`)."""
+                     masks: list[list[list[bool]]] | None = None, batch_tokens: int = 1 << 62) -> list[Batch]:
+        """Right-padded batches (`batch_plan`), never mixing tasks (so a subset merge computes the same
+        numbers). `masks` (per task, per sample, per position): the positions the objective counts (`Batch.count`)."""
         batches, offset = [], 0
         types = {layer_type(self.config, i) for i in range(self.config.num_hidden_layers)}
         for t, samples in enumerate(tasks):
-            order = sorted(range(len(samples)), key=lambda j: -len(samples[j]))  # less padding
-            for k in range(0, len(order), batch_size):
-                chunk = order[k:k + batch_size]
-                s = max(len(samples[j]) for j in chunk)
+            for chunk, s in batch_plan([len(x) for x in samples], batch_size, batch_tokens):
                 ids = torch.zeros(len(chunk), s, dtype=torch.long)
                 valid = torch.zeros(len(chunk), s, dtype=torch.bool)
                 count = None if masks is None else torch.zeros(len(chunk), s, dtype=torch.bool)
@@ -113,9 +110,15 @@ class Runner:
         return dict(attention_mask=batch.masks[layer_type(self.config, i)],
                     position_embeddings=batch.position_embeddings, position_ids=batch.position_ids)
 
+    def w(self, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """p on the compute device and dtype: a no-op for weights converted up front; weights kept as
+        stored (a layer too large to convert whole, see `upcast_whole_layer`) are converted here, one
+        submodule at a time."""
+        return to_compute(p, self.device, self.dtype)
+
     def layer_out(self, i: int, p: dict[str, torch.Tensor], h: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Decoder layer i with weights p on hidden state h (the whole layer, residuals included)."""
-        out = functional_call(self.layer(i), p, (h,), self._attn_kwargs(i, batch))
+        out = functional_call(self.layer(i), self.w(p), (h,), self._attn_kwargs(i, batch))
         return out[0] if isinstance(out, tuple) else out
 
     def attn_out(self, i: int, p: dict[str, torch.Tensor], h: torch.Tensor, batch: Batch,
@@ -123,14 +126,14 @@ class Runner:
         """Attention block output (input norm + self-attention), before the residual add.
         `norm` overrides the input norm's weights (heads use the base's)."""
         layer = self.layer(i)
-        x = functional_call(layer.input_layernorm, norm or sub(p, "input_layernorm."), (h,))
-        return functional_call(layer.self_attn, sub(p, "self_attn."), (x,), self._attn_kwargs(i, batch))[0]
+        x = functional_call(layer.input_layernorm, self.w(norm or sub(p, "input_layernorm.")), (h,))
+        return functional_call(layer.self_attn, self.w(sub(p, "self_attn.")), (x,), self._attn_kwargs(i, batch))[0]
 
     def mlp_out(self, i: int, p: dict[str, torch.Tensor], m: torch.Tensor) -> torch.Tensor:
         """MLP block output (post-attention norm + MLP) on the attention residual m, before the residual add."""
         layer = self.layer(i)
-        x = functional_call(layer.post_attention_layernorm, sub(p, "post_attention_layernorm."), (m,))
-        return functional_call(layer.mlp, sub(p, "mlp."), (x,))
+        x = functional_call(layer.post_attention_layernorm, self.w(sub(p, "post_attention_layernorm.")), (m,))
+        return functional_call(layer.mlp, self.w(sub(p, "mlp.")), (x,))
 
     def o_proj_input(self, i: int, p: dict[str, torch.Tensor], base: dict[str, torch.Tensor], h: torch.Tensor,
                      batch: Batch) -> torch.Tensor:
@@ -147,6 +150,20 @@ class Runner:
         finally:
             hook.remove()
         return captured[0]
+
+
+def batch_plan(lengths: list[int], batch_size: int, batch_tokens: int) -> list[tuple[list[int], int]]:
+    """Batches of one task's samples as (sample indices, padded length): longest first (less padding),
+    at most `batch_size` samples and at most `batch_tokens` padded tokens per batch (at least one
+    sample). These two bound the calibration activations of one batch (see slta.memory)."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    out: list[tuple[list[int], int]] = []
+    for j in order:
+        if out and len(out[-1][0]) < batch_size and (len(out[-1][0]) + 1) * out[-1][1] <= batch_tokens:
+            out[-1][0].append(j)
+        else:
+            out.append(([j], lengths[j]))
+    return out
 
 
 def sub(p: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -183,6 +200,22 @@ class GramStore:
 def to_compute(p: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor of p on the compute device and in the compute dtype."""
     return {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
+
+
+def upcast_whole_layer(nbytes: int, device: torch.device) -> bool:
+    """Whether a layer whose T+1 versions take `nbytes` in the compute dtype is converted whole, up
+    front (UPCAST_FRACTION of the device's memory), or kept as stored and converted one submodule of
+    one version at a time in `Runner.w` (a 70B layer: 13.7 GB in float32 for T=3). Lazily, each
+    batch converts each version again: one pass over the layer's weights per batch and version. On
+    the 2-core test machine, upcasting a 70B MLP matrix took 1.8-2.3 s against 58 s for the version's
+    matmuls on a batch of 1024 tokens (one thread, contended): about 10%, less with larger batches
+    (`batch_size`, `batch_tokens`)."""
+    from slta.inputs import memory_total
+
+    return nbytes <= memory_total(device) * UPCAST_FRACTION
+
+
+UPCAST_FRACTION = 1 / 4
 
 
 def layer_features(runner: Runner, i: int, modules: list[Module], versions: list[dict[str, torch.Tensor]],
@@ -225,7 +258,7 @@ def head_features(runner: Runner, i: int, heads: list[Module], versions: list[di
     zs = [runner.o_proj_input(i, p, base, h, batch) for p in versions]  # (b, s, n_heads * hd)
     for mod in heads:
         lo, hi = mod.group * per_group * hd, (mod.group + 1) * per_group * hd
-        outs = [z[..., lo:hi] @ p["self_attn.o_proj.weight"][:, lo:hi].T for z, p in zip(zs, versions)]
+        outs = [z[..., lo:hi] @ p["self_attn.o_proj.weight"][:, lo:hi].to(z).T for z, p in zip(zs, versions)]
         store.add(mod.name, outs, batch)
 
 
@@ -237,9 +270,9 @@ def _linear_features(runner: Runner, i: int, linears: list[Module], versions: li
         x = inputs[mod.linear]
         outs = []
         for p in versions:
-            y = x @ p[f"{mod.linear}.weight"].T
+            y = x @ p[f"{mod.linear}.weight"].to(x).T
             if f"{mod.linear}.bias" in p:
-                y = y + p[f"{mod.linear}.bias"]
+                y = y + p[f"{mod.linear}.bias"].to(x)
             outs.append(y)
         store.add(mod.name, outs, batch)
 

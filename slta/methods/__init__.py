@@ -38,6 +38,10 @@ class Method:
     needs_data: bool = False
     aliases: tuple[str, ...] = ()
     reference: str = ""
+    # The tensor function takes the fine-tuned tensors in their stored dtype: it only forms
+    # `tuned[i] - base` with the float32 base, which promotes them exactly (slta.methods.common.combine),
+    # so no float32 copy of them is ever held (T copies of the largest tensor: 2.6 GiB for a 70B MLP).
+    tuned_as_stored: bool = False
 
 
 REQUIRED = object()  # marker for a parameter with no default
@@ -81,7 +85,8 @@ register(
             "num_samples": 30,
             "balance": True,
             "max_length": 2048,
-            "batch_size": 8,
+            "batch_size": 8,  # calibration samples per batch
+            "batch_tokens": 16384,  # padded tokens per batch at most (bounds the activations; slta.memory)
             "inputs": "base",  # beyond the paper: merged (A.5.3, slta.progressive)
             "tokens": "all",  # beyond the paper: response, response_shifted (slta.tokens)
             "refine": 0,  # beyond the paper: Gauss-Newton steps on Eq. 10 (slta.refine)

@@ -62,6 +62,7 @@ for _name, _fn in (("breadcrumbs", merge), ("breadcrumbs_ties", merge_ties)):
             tensor_fn=_fn,
             model_params={"weight": 1.0, "density": 1.0, "gamma": 0.01},
             method_params={"lambda": 1.0, "normalize": False, "rescale": False, "int8_mask": False},
+            tuned_as_stored=True,
             reference=_REFERENCE,
         )
     )

@@ -63,6 +63,7 @@ register(
         model_params={"weight": 1.0, "density": 1.0},
         method_params={"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False},
         aliases=("dare",),
+        tuned_as_stored=True,
         reference=_REFERENCE,
     )
 )
@@ -73,6 +74,7 @@ register(
         tensor_fn=merge_ties,
         model_params={"weight": 1.0, "density": 1.0},
         method_params={"lambda": 1.0, "normalize": False, "rescale": True, "int8_mask": False},
+        tuned_as_stored=True,
         reference=_REFERENCE,
     )
 )

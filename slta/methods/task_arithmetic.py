@@ -32,6 +32,7 @@ register(
         tensor_fn=merge,
         model_params={"weight": 1.0},
         method_params={"lambda": 1.0, "normalize": False, "int8_mask": False},
+        tuned_as_stored=True,
         reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
     )
 )

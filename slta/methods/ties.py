@@ -38,6 +38,7 @@ register(
         tensor_fn=merge,
         model_params={"weight": 1.0, "density": 1.0},
         method_params={"lambda": 1.0, "normalize": True, "rescale": False, "int8_mask": False},
+        tuned_as_stored=True,
         reference="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023 "
                   "(arXiv:2306.01708)",
     )
