@@ -93,6 +93,8 @@ class Demo:
         self.val_limit = None if size == "tiny" else 100
         self.zoo_hash = json.loads((zoo / "zoo.json").read_text())["recipe_hash"]
         self.budget = generation_budget(zoo)
+        self.ta_lambda: float | None = None  # task arithmetic's validated λ on the triple: the diagnostics' λ
+        self.diagnostics: dict[str, Any] = {}  # level -> slta.diagnostics document (slta.demo_studies)
 
     # -- helpers ---------------------------------------------------------------------------------
     def files(self, tasks: tuple[str, ...], split: str) -> dict[str, Path]:
@@ -166,6 +168,7 @@ class Demo:
 
     def slta(self, bar) -> dict[str, dict[str, Any]]:
         """Per level and seed: one forward pass on the triple, every pair re-solved from its statistics."""
+        from slta.demo_studies import diagnose_cached, diagnostics_path
         from slta.merge import run_merge, run_solve
 
         results: dict[str, dict[str, Any]] = {}
@@ -179,10 +182,13 @@ class Demo:
                 key = self.key({"config": cfg})
                 folder = self.work / f"slta-{key}"
                 keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
+                diag = diagnostics_path(self, level, seed, cfg)
                 cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
-                             for c in self.combos) and (keep is None or keep.exists())
+                             for c in self.combos) and (keep is None or keep.exists()) and (diag is None or diag.exists())
                 if not cached:
                     run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
+                if diag is not None:
+                    self.diagnostics[level] = diagnose_cached(self, folder, diag)
                 for combo in self.combos:
                     ck = self.key({"config": cfg, "combo": combo})
                     path = self.cache / f"eval-{ck}-test.json"
@@ -217,7 +223,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "hard",
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
-             triple_only: bool = False) -> dict[str, Any]:
+             triple_only: bool = False, ablations: bool = False) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -267,7 +273,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
                       overrides={k: v for k, v in (zoo_overrides or {}).items() if k in known})
             zoo_s = time.perf_counter() - t
             res = demo_one_zoo(path, out / f"{kind}-seed{zs}", size, device, seeds, progress,
-                               set(methods) if methods is not None else None, triple_only)
+                               set(methods) if methods is not None else None, triple_only, ablations)
             res.update(kind=kind, zoo_seed=zs, report=str(out / f"{kind}-seed{zs}" / "report"))
             res["timings_s"]["zoo"] = zoo_s
             per_zoo.append(res)
@@ -285,8 +291,11 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
 
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
-                 methods: set[str] | None, triple_only: bool = False) -> dict[str, Any]:
-    """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results."""
+                 methods: set[str] | None, triple_only: bool = False, ablations: bool = False) -> dict[str, Any]:
+    """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
+    `ablations`: also the calibration-sample-count study (slta.demo_studies, paper Table 11)."""
+    from slta.demo_studies import sample_ablation, validated_lambda
+
     started = time.perf_counter()
     demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only)
     grids = {m: g for m, g in baseline_grids(size).items() if methods is None or m in methods}
@@ -297,10 +306,14 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
         refs = demo.reference_rows()
         bar.update(len(TASKS) + 1)
         base = demo.baselines(bar)
+        demo.ta_lambda = validated_lambda(base)
         ours = demo.slta(bar)
+        bar.set_postfix_str("ablations" if ablations else "")
+        studies = {"samples": sample_ablation(demo)} if ablations and (methods is None or "slta" in methods) else {}
     results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
                "baselines": base, "slta": ours, "seeds": demo.seeds,
-               "timings_s": {"total": time.perf_counter() - started}}
+               "timings_s": {"total": time.perf_counter() - started},
+               **({"diagnostics": demo.diagnostics} if demo.diagnostics else {}), **({"ablations": studies} if studies else {})}
     write_report(results, out / "report")
     return results
 
@@ -330,8 +343,11 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                "|---|" + "---|" * len(TASKS)]
     for name, scores in refs.items():
         detail.append(f"| {name} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in TASKS) + " |")
+    from slta.demo_studies import ablation_table, write_diagnostics
+
     (folder / "results.md").write_text(f"# slta demo ({results['size']} zoo {results['zoo']})\n\n" + tables["markdown"]
-                                       + "\n" + "\n".join(detail) + "\n")
+                                       + "\n" + "\n".join(detail) + "\n\n" + ablation_table(results))
+    write_diagnostics(results, folder)
     accuracy_bars(rows, f"slta demo ({results['size']} zoo {Path(results['zoo']).name})", folder / "accuracy.png")
     heat = folder / "slta_attn_mlp_triple_seed0" / "slta_report.json"
     if heat.exists():
@@ -357,13 +373,16 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="merge only the three-task combination (the pairs' cells stay empty): zoo calibration")
     p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
                    help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
+    p.add_argument("--ablations", action="store_true",
+                   help="also the calibration-sample-count ablation (paper Table 11: 1, 3, 10, 30, 50 per task, "
+                        "re-solved from one measurement's saved statistics)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
                                            a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
-                                           a.triple_only))
+                                           a.triple_only, a.ablations))
 
 
 def _override(s: str) -> tuple[str, Any]:

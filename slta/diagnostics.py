@@ -175,11 +175,11 @@ def _describe(point: str) -> dict[str, Any]:
     return {"method": "slta", "alpha_scale": 1.0}
 
 
-def run_diagnose(merged: str | Path, out: str | Path, lambdas: list[float] = (), alpha_scales: list[float] = (),
-                 device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """`slta diagnose MERGED -o DIR`: diagnostics.json and diagnostics.png for a closed-form merge whose
-    folder (or statistics file) holds slta_stats.safetensors. α is re-solved from the saved Grams
-    exactly as the merge solved it (same function, same statistics)."""
+def diagnose(merged: str | Path, lambdas: list[float] = (), alpha_scales: list[float] = (), device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """The diagnostics document of a closed-form merge whose folder (or statistics file) holds
+    slta_stats.safetensors. α is re-solved from the saved Grams exactly as the merge solved it (same
+    function, same statistics); the pass's T x T Grams are checked against the saved ones."""
     from slta.output import changed_inputs
     from slta.stats import read_stats
 
@@ -199,6 +199,13 @@ def run_diagnose(merged: str | Path, out: str | Path, lambdas: list[float] = (),
             raise MergeError(f"{merged}: module {name}'s features differ from the saved statistics")
     doc = diagnostics(grams, got_tasks, points, balance, meta["models"], granularity)
     doc["timings"] = {"total": time.perf_counter() - started}
+    return doc
+
+
+def run_diagnose(merged: str | Path, out: str | Path, lambdas: list[float] = (), alpha_scales: list[float] = (),
+                 device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """`slta diagnose MERGED -o DIR`: writes DIR/diagnostics.json (see `diagnose`) and DIR/diagnostics.png."""
+    doc = diagnose(merged, lambdas, alpha_scales, device, progress)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnostics.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -241,7 +248,7 @@ def draw(doc: dict[str, Any], path: str | Path, title: str = "") -> Path:
     ax3.axhline(1, color="grey", lw=0.8, ls=":")
     ax3.set_yscale("log")
     ax3.set_ylabel("objective / objective at c=0")
-    ax3.legend(fontsize=7, ncol=2)
+    ax3.legend(fontsize=6, ncol=2, loc="best")
     ax3.set_xticks(x, names, rotation=90, fontsize=6)
     fig.suptitle(title or f"slta diagnostics ({doc['granularity']})")
     fig.savefig(path, dpi=110)
@@ -269,4 +276,4 @@ def _cli(a: argparse.Namespace) -> None:
     print(f"diagnostics written to {a.output}")
 
 
-__all__ = ["MergedView", "diagnostics", "draw", "measure", "merge_points", "module_diagnostics", "run_diagnose"]
+__all__ = ["MergedView", "diagnose", "diagnostics", "draw", "measure", "merge_points", "module_diagnostics", "run_diagnose"]

@@ -13,15 +13,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_merge_reference import (
+    NUM_SAMPLES,
+    load_samples,
+    module_features,
+    reference_merge,
+)
+from tiny import make_data, make_family, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.cli import main
 from slta.diagnostics import run_diagnose
 from slta.merge import run_merge, run_solve
-from slta.stats import read_stats, sample_subset
 from slta.solve import solve_module
-from test_merge_reference import NUM_SAMPLES, load_samples, module_features, reference_merge
-from tiny import make_data, make_family, write_config
+from slta.stats import read_stats, sample_subset
 
 LAM = 0.6
 
