@@ -162,3 +162,57 @@ def test_subset_resolve_equals_a_fresh_run_on_the_subset(tmp_path):
         np.testing.assert_allclose(a, fresh_alpha[name]["alpha"], rtol=1e-4, atol=1e-6, err_msg=name)
         np.testing.assert_allclose(solved_report["modules"][name]["alpha"], a, rtol=1e-12, err_msg=name)
     assert (fresh_tasks == tasks[rows]).all()
+
+
+class _FakeDemo:
+    """What slta.demo_studies.sample_ablation uses of slta.demo.Demo, on a tiny family."""
+
+    def __init__(self, tmp_path, base, tuned, data):
+        from slta.demo_table import TASKS
+
+        self.zoo, self.work, self.cache, self.device = tmp_path / "zoo", tmp_path / "work", tmp_path / "cache", "cpu"
+        self.cache.mkdir()
+        for t, p in zip(TASKS, data):
+            (self.zoo / "data" / t).mkdir(parents=True)
+            (self.zoo / "data" / t / "calib.jsonl").write_text(p.read_text())
+        self.base, self.tuned, self.seen = base, tuned, []
+
+    def key(self, what):
+        import hashlib
+
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+    def merge_config(self, method, tasks, params):
+        return {"merge_method": method, "base_model": str(self.base), "dtype": "float32", "parameters": params,
+                "models": [{"model": str(m), "data": str(self.zoo / "data" / t / "calib.jsonl")}
+                           for m, t in zip(self.tuned, tasks)]}
+
+    def evaluate(self, model, tasks, split, key):
+        report = json.loads((model / "slta_report.json").read_text())
+        self.seen.append((report["samples_per_task"], report.get("sample_subset", {}).get("seed")))
+        scores = {t: report["samples_per_task"][0] / 100 for t in tasks}
+        (self.cache / f"eval-{key}-{split}.json").write_text(json.dumps(scores))
+        return scores
+
+
+def test_sample_ablation_measures_once_and_resolves_every_count(tmp_path, monkeypatch):
+    import slta.merge
+    from slta.demo_studies import ablation_rows, ablation_table, sample_ablation, sample_counts
+
+    base, tuned = make_family(tmp_path, "llama", T=3, layers=1)
+    demo = _FakeDemo(tmp_path, base, tuned, make_data(tmp_path, T=3, n=12))
+    assert sample_counts(demo.zoo) == (12, [1, 3, 10, 12])  # 30 and 50 capped at the 12 lines
+    merges = []
+    real = slta.merge.run_merge
+    monkeypatch.setattr(slta.merge, "run_merge", lambda *a, **k: merges.append(a) or real(*a, **k))
+    ab = sample_ablation(demo)
+    assert len(merges) == 1  # one forward pass; every count re-solved from its statistics
+    assert demo.seen == [([1] * 3, 0), ([1] * 3, 1), ([1] * 3, 2), ([3] * 3, 0), ([3] * 3, 1), ([3] * 3, 2),
+                         ([10] * 3, 0), ([10] * 3, 1), ([10] * 3, 2), ([12] * 3, 0)]
+    assert [(n, k) for n, _, _, k in ablation_rows(ab)] == [(1, 3), (3, 3), (10, 3), (12, 1)]
+    assert ablation_rows(ab)[1][1] == pytest.approx(3.0) and ablation_rows(ab)[1][2] == 0.0
+    assert not any((tmp_path / "work").iterdir())
+    again = sample_ablation(demo)  # cached: no merge, the same table
+    assert len(merges) == 1 and again == ab
+    md = ablation_table({"ablations": {"samples": ab}, "baselines": {}})
+    assert "| 3 | 3.00 ± 0.00 |" in md and "| 12 | 12.00 |" in md
