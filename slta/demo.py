@@ -240,6 +240,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from slta.demo_studies import ablation_summary
     from slta.zoo import build_zoo
     from slta.zoo.build import recipe_for
 
@@ -278,7 +279,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
             res["timings_s"]["zoo"] = zoo_s
             per_zoo.append(res)
         rows = multi_zoo_rows(per_zoo)
-        study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo),
+        study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo), "ablations": ablation_summary(per_zoo),
                                 "zoos": [{"zoo_seed": r["zoo_seed"], "zoo": r["zoo"], "report": r["report"],
                                           "zoo_recipe_hash": r["zoo_recipe_hash"]} for r in per_zoo]}
         print(f"\n== {kind} kind, zoo seeds {', '.join(map(str, zoo_seeds))} ==")

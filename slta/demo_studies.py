@@ -148,3 +148,18 @@ def ablation_table(results: dict[str, Any]) -> str:
         acc = 100 * float(np.mean([ta["test"][t] for t in TASKS]))
         md.append(f"| task arithmetic (λ {ta['params'].get('weight')}), for reference | {acc:.2f} |")
     return "\n".join(md) + "\n"
+
+
+def ablation_summary(per_zoo: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Table 11 across zoo seeds: per count, the mean over zoos of each zoo's mean over draws, the std
+    across zoos and the draw std averaged over zoos (None without `--ablations`)."""
+    tables = [ablation_rows(r["ablations"]["samples"]) for r in per_zoo if (r.get("ablations") or {}).get("samples")]
+    if not tables or len(tables) != len(per_zoo):
+        return None
+    rows = []
+    for k, (n, *_rest) in enumerate(tables[0]):
+        means = [t[k][1] for t in tables]
+        rows.append({"samples": n, "mean": float(np.mean(means)), "zoo_std": float(np.std(means)),
+                     "draw_std": float(np.mean([t[k][2] for t in tables]))})
+    return {"level": ABLATION_LEVEL, "zoos": len(tables), "rows": rows}
+

@@ -158,11 +158,23 @@ def write_summary(study: dict[str, Any], folder: Path) -> None:
     for kind, k in study["kinds"].items():
         rows = [(n, [tuple(c) for c in cells]) for n, cells in k["table"]]
         md += [f"## {kind} kind", "", results_table(rows, len(k["zoos"]))["markdown"], "",
-               f"Baselines in brief: {summary_line(k['summary'])}", "",
+               f"Baselines in brief: {summary_line(k['summary'])}", "", ablation_summary_table(k.get("ablations")),
                "Per-zoo reports: " + ", ".join(f"`{z['report']}`" for z in k["zoos"]), ""]
         accuracy_bars(rows, f"slta demo ({study['size']}, {kind} kind, {len(k['zoos'])} zoo seeds)",
                       folder / f"accuracy_{kind}.png")
     (folder / "results.md").write_text("\n".join(md))
+
+
+def ablation_summary_table(summary: dict[str, Any] | None) -> str:
+    """Markdown of slta.demo_studies.ablation_summary, the paper's Table 11 (empty when there is none)."""
+    if not summary:
+        return ""
+    md = [(f"Calibration samples per task (paper Table 11; slta {summary['level']}, triple; mean ± std over "
+           f"{summary['zoos']} zoo seed(s), draws ± averaged over zoos):"), "",
+          "| samples per task | average accuracy (%) |", "|---|---|"]
+    md += [f"| {r['samples']} | {r['mean']:.2f} ± {r['zoo_std']:.2f} (draws ± {r['draw_std']:.2f}) |"
+           for r in summary["rows"]]
+    return "\n".join(md) + "\n"
 
 
 def accuracy_bars(rows: list[tuple[str, list[Cell]]], title: str, path: Path) -> None:

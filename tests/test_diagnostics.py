@@ -216,3 +216,19 @@ def test_sample_ablation_measures_once_and_resolves_every_count(tmp_path, monkey
     assert len(merges) == 1 and again == ab
     md = ablation_table({"ablations": {"samples": ab}, "baselines": {}})
     assert "| 3 | 3.00 ± 0.00 |" in md and "| 12 | 12.00 |" in md
+
+
+def test_ablation_summary_across_zoos():
+    from slta.demo_studies import ablation_summary
+    from slta.demo_table import TASKS, ablation_summary_table
+
+    def zoo(accs):  # {count: [accuracy per draw]}
+        runs = {str(n): [{"draw": d, "test": {t: a for t in TASKS}} for d, a in enumerate(v)] for n, v in accs.items()}
+        return {"ablations": {"samples": {"runs": runs}}}
+
+    s = ablation_summary([zoo({1: [0.2, 0.4], 5: [0.5]}), zoo({1: [0.4, 0.4], 5: [0.7]})])
+    assert [r["samples"] for r in s["rows"]] == [1, 5]
+    assert s["rows"][0] == pytest.approx({"samples": 1, "mean": 35.0, "zoo_std": 5.0, "draw_std": 5.0})
+    assert s["rows"][1] == pytest.approx({"samples": 5, "mean": 60.0, "zoo_std": 10.0, "draw_std": 0.0})
+    assert "| 1 | 35.00 ± 5.00 (draws ± 5.00) |" in ablation_summary_table(s)
+    assert ablation_summary([{}]) is None and ablation_summary_table(None) == ""
