@@ -232,3 +232,19 @@ def test_ablation_summary_across_zoos():
     assert s["rows"][1] == pytest.approx({"samples": 5, "mean": 60.0, "zoo_std": 10.0, "draw_std": 0.0})
     assert "| 1 | 35.00 ± 5.00 (draws ± 5.00) |" in ablation_summary_table(s)
     assert ablation_summary([{}]) is None and ablation_summary_table(None) == ""
+
+
+@pytest.mark.parametrize("granularity", ["model", "head_mlp"])
+def test_diagnose_other_granularities(tmp_path, granularity):
+    """Every cut runs; at head_mlp the heads and the attention blocks (shared tensors) both appear."""
+    out, *_ = _merge(tmp_path, granularity)
+    doc = run_diagnose(out, tmp_path / "d", lambdas=[LAM], progress=False)
+    names = set(doc["modules"])
+    if granularity == "model":
+        assert names == {"model"}
+    else:
+        assert {"layers.0.head.0", "layers.0.attn", "layers.0.mlp"} <= names
+    for name, m in doc["modules"].items():
+        for p in doc["points"]:
+            assert np.isfinite(m["eq10"][p]) and m["eq10"][p] >= 0, (name, p)
+        assert m["eq11"]["slta"] <= m["eq11"][f"task_arithmetic {LAM:g}"] * (1 + 1e-9), name  # α minimises Eq. 11
