@@ -5,7 +5,7 @@ Diagnostics: for each level in DIAG_LEVELS, the calibration-seed-0 merge of the 
 (slta.diagnostics) at slta's α, at α x ALPHA_SCALES and at task arithmetic's validated λ on the
 triple; the report gets diagnostics.json ({level: document}) and diagnostics_LEVEL.png.
 
-Table 11: the statistics are measured once, on the triple at attn_mlp level with the largest count
+Table 11: the statistics are measured once per level (layer and attn_mlp, as the paper's table), on the triple with the largest count
 (50 per task, capped at the zoo's calibration file), and every smaller count is re-solved from
 `slta_stats.safetensors` (`slta solve --num-samples N --sample-seed D`: a seeded random subset of
 the saved samples per task) with no forward pass, merged and evaluated on the test split. Counts
@@ -27,7 +27,7 @@ DIAG_LEVELS = ("attn_mlp", "layer")
 ALPHA_SCALES = (1.5,)
 SAMPLE_COUNTS = (1, 3, 10, 30, 50)
 DRAWS = 3
-ABLATION_LEVEL = "attn_mlp"
+ABLATION_LEVELS = ("layer", "attn_mlp")  # the paper's Table 11 rows
 
 
 def validated_lambda(baselines: dict[str, Any]) -> float | None:
@@ -95,41 +95,48 @@ def sample_counts(zoo: Path) -> tuple[int, list[int]]:
     return n_max, sorted({min(c, n_max) for c in SAMPLE_COUNTS})
 
 
-def sample_ablation(demo: Any) -> dict[str, Any]:
-    """Table 11 on the triple: measure once with the largest count, re-solve every smaller one from the
-    saved statistics (no forward pass), merge and evaluate. Cached like every demo evaluation."""
+def sample_ablation(demo: Any, levels: tuple[str, ...] = ABLATION_LEVELS) -> dict[str, Any]:
+    """Table 11 on the triple: per level, measure once with the largest count, re-solve every smaller one
+    from the saved statistics (no forward pass), merge and evaluate. Cached like every demo evaluation."""
     from slta.merge import run_merge, run_solve
 
     triple = COMBOS[-1]
     n_max, counts = sample_counts(demo.zoo)
-    cfg = demo.merge_config("slta", triple, {"granularity": ABLATION_LEVEL, "num_samples": n_max, "seed": 0})
-    folder = demo.work / f"ablation-{demo.key({'config': cfg})}"
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for n in counts:
-        for d in range(DRAWS if n < n_max else 1):
-            key = demo.key({"config": cfg, "subset": n, "draw": d})
-            path = demo.cache / f"eval-{key}-test.json"
-            if not path.exists():
-                if not (folder / "slta_stats.safetensors").exists():  # the one forward pass
-                    run_merge(cfg, folder, overwrite=True, device=demo.device, progress=False)
-                sub = folder.with_name(f"{folder.name}-n{n}-d{d}")
-                run_solve(folder / "slta_stats.safetensors", sub, num_samples=n, sample_seed=d, overwrite=True,
-                          progress=False)
-                demo.evaluate(sub, triple, "test", key)
-                shutil.rmtree(sub, ignore_errors=True)
-            runs.setdefault(str(n), []).append({"draw": d, "test": json.loads(path.read_text())})
-    shutil.rmtree(folder, ignore_errors=True)
-    return {"level": ABLATION_LEVEL, "combo": "+".join(triple), "measured_samples": n_max, "draws": DRAWS,
-            "runs": runs}
+    out: dict[str, Any] = {}
+    for level in levels:
+        cfg = demo.merge_config("slta", triple, {"granularity": level, "num_samples": n_max, "seed": 0})
+        folder = demo.work / f"ablation-{demo.key({'config': cfg})}"
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for n in counts:
+            for d in range(DRAWS if n < n_max else 1):
+                key = demo.key({"config": cfg, "subset": n, "draw": d})
+                path = demo.cache / f"eval-{key}-test.json"
+                if not path.exists():
+                    if not (folder / "slta_stats.safetensors").exists():  # the one forward pass
+                        run_merge(cfg, folder, overwrite=True, device=demo.device, progress=False)
+                    sub = folder.with_name(f"{folder.name}-n{n}-d{d}")
+                    run_solve(folder / "slta_stats.safetensors", sub, num_samples=n, sample_seed=d, overwrite=True,
+                              progress=False)
+                    demo.evaluate(sub, triple, "test", key)
+                    shutil.rmtree(sub, ignore_errors=True)
+                runs.setdefault(str(n), []).append({"draw": d, "test": json.loads(path.read_text())})
+        shutil.rmtree(folder, ignore_errors=True)
+        out[level] = runs
+    return {"combo": "+".join(triple), "measured_samples": n_max, "draws": DRAWS, "levels": out}
 
 
-def ablation_rows(ab: dict[str, Any]) -> list[tuple[int, float, float, int]]:
-    """(count, mean triple accuracy %, std over draws, draws) per count."""
+def ablation_rows(runs: dict[str, list[dict[str, Any]]]) -> list[tuple[int, dict[str, tuple[float, float]], int]]:
+    """One level's runs -> (count, {task and "average": (mean %, std over draws)}, draws) per count."""
     rows = []
-    for n, runs in ab["runs"].items():
-        accs = [100 * float(np.mean([r["test"][t] for t in TASKS])) for r in runs]
-        rows.append((int(n), float(np.mean(accs)), float(np.std(accs)), len(accs)))
+    for n, rs in runs.items():
+        cols = {t: [100 * r["test"][t] for r in rs] for t in TASKS}
+        cols["average"] = [float(np.mean([cols[t][k] for t in TASKS])) for k in range(len(rs))]
+        rows.append((int(n), {c: (float(np.mean(v)), float(np.std(v))) for c, v in cols.items()}, len(rs)))
     return rows
+
+
+def _cell(mean: float, std: float, k: int) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if k > 1 else f"{mean:.2f}"
 
 
 def ablation_table(results: dict[str, Any]) -> str:
@@ -137,29 +144,32 @@ def ablation_table(results: dict[str, Any]) -> str:
     ab = (results.get("ablations") or {}).get("samples")
     if not ab:
         return ""
-    md = [f"## Calibration samples per task (paper Table 11): slta {ab['level']}, {ab['combo'].replace('+', ' & ')}",
-          "", (f"Measured once with {ab['measured_samples']} samples per task; smaller counts re-solved from the "
-               f"saved statistics (a seeded random subset, {ab['draws']} draws: mean ± std)."), "",
-          "| samples per task | average accuracy (%) |", "|---|---|"]
-    for n, mean, std, k in ablation_rows(ab):
-        md.append(f"| {n} | {mean:.2f}" + (f" ± {std:.2f}" if k > 1 else "") + " |")
+    md = [f"## Calibration samples per task (paper Table 11): slta on {ab['combo'].replace('+', ' & ')}", "",
+          (f"Measured once per level with {ab['measured_samples']} samples per task; smaller counts re-solved from "
+           f"the saved statistics (a seeded random subset, {ab['draws']} draws: mean ± std). Accuracy %, test split."),
+          "", "| level | samples per task | " + " | ".join(TASKS) + " | average |", "|---|---|" + "---|" * (len(TASKS) + 1)]
+    for level, runs in ab["levels"].items():
+        for n, cols, k in ablation_rows(runs):
+            md.append(f"| {level} | {n} | " + " | ".join(_cell(*cols[c], k) for c in (*TASKS, "average")) + " |")
     ta = results.get("baselines", {}).get("task_arithmetic", {}).get(ab["combo"])
     if ta:
-        acc = 100 * float(np.mean([ta["test"][t] for t in TASKS]))
-        md.append(f"| task arithmetic (λ {ta['params'].get('weight')}), for reference | {acc:.2f} |")
+        accs = [100 * ta["test"][t] for t in TASKS]
+        md.append(f"| task arithmetic (λ {ta['params'].get('weight')}) | | " + " | ".join(f"{a:.2f}" for a in accs)
+                  + f" | {np.mean(accs):.2f} |")
     return "\n".join(md) + "\n"
 
 
 def ablation_summary(per_zoo: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Table 11 across zoo seeds: per count, the mean over zoos of each zoo's mean over draws, the std
-    across zoos and the draw std averaged over zoos (None without `--ablations`)."""
-    tables = [ablation_rows(r["ablations"]["samples"]) for r in per_zoo if (r.get("ablations") or {}).get("samples")]
-    if not tables or len(tables) != len(per_zoo):
+    """Table 11 across zoo seeds, per level and count: the mean over zoos of each zoo's average accuracy
+    (mean over draws), its std across zoos and the draw std averaged over zoos (None without `--ablations`)."""
+    abs_ = [(r.get("ablations") or {}).get("samples") for r in per_zoo]
+    if not abs_ or any(a is None for a in abs_):
         return None
-    rows = []
-    for k, (n, *_rest) in enumerate(tables[0]):
-        means = [t[k][1] for t in tables]
-        rows.append({"samples": n, "mean": float(np.mean(means)), "zoo_std": float(np.std(means)),
-                     "draw_std": float(np.mean([t[k][2] for t in tables]))})
-    return {"level": ABLATION_LEVEL, "zoos": len(tables), "rows": rows}
-
+    levels = {}
+    for level in abs_[0]["levels"]:
+        tables = [ablation_rows(a["levels"][level]) for a in abs_]
+        levels[level] = [{"samples": n, "mean": float(np.mean([t[k][1]["average"][0] for t in tables])),
+                          "zoo_std": float(np.std([t[k][1]["average"][0] for t in tables])),
+                          "draw_std": float(np.mean([t[k][1]["average"][1] for t in tables]))}
+                         for k, (n, _, _) in enumerate(tables[0])]
+    return {"zoos": len(abs_), "levels": levels}

@@ -169,11 +169,11 @@ def ablation_summary_table(summary: dict[str, Any] | None) -> str:
     """Markdown of slta.demo_studies.ablation_summary, the paper's Table 11 (empty when there is none)."""
     if not summary:
         return ""
-    md = [(f"Calibration samples per task (paper Table 11; slta {summary['level']}, triple; mean ± std over "
+    md = [(f"Calibration samples per task (paper Table 11; slta on the triple, average accuracy %; mean ± std over "
            f"{summary['zoos']} zoo seed(s), draws ± averaged over zoos):"), "",
-          "| samples per task | average accuracy (%) |", "|---|---|"]
-    md += [f"| {r['samples']} | {r['mean']:.2f} ± {r['zoo_std']:.2f} (draws ± {r['draw_std']:.2f}) |"
-           for r in summary["rows"]]
+          "| level | samples per task | average accuracy (%) |", "|---|---|---|"]
+    md += [f"| {level} | {r['samples']} | {r['mean']:.2f} ± {r['zoo_std']:.2f} (draws ± {r['draw_std']:.2f}) |"
+           for level, rows in summary["levels"].items() for r in rows]
     return "\n".join(md) + "\n"
 
 

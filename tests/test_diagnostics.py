@@ -197,7 +197,12 @@ class _FakeDemo:
 
 def test_sample_ablation_measures_once_and_resolves_every_count(tmp_path, monkeypatch):
     import slta.merge
-    from slta.demo_studies import ablation_rows, ablation_table, sample_ablation, sample_counts
+    from slta.demo_studies import (
+        ablation_rows,
+        ablation_table,
+        sample_ablation,
+        sample_counts,
+    )
 
     base, tuned = make_family(tmp_path, "llama", T=3, layers=1)
     demo = _FakeDemo(tmp_path, base, tuned, make_data(tmp_path, T=3, n=12))
@@ -205,17 +210,19 @@ def test_sample_ablation_measures_once_and_resolves_every_count(tmp_path, monkey
     merges = []
     real = slta.merge.run_merge
     monkeypatch.setattr(slta.merge, "run_merge", lambda *a, **k: merges.append(a) or real(*a, **k))
-    ab = sample_ablation(demo)
+    ab = sample_ablation(demo, levels=("attn_mlp",))
     assert len(merges) == 1  # one forward pass; every count re-solved from its statistics
     assert demo.seen == [([1] * 3, 0), ([1] * 3, 1), ([1] * 3, 2), ([3] * 3, 0), ([3] * 3, 1), ([3] * 3, 2),
                          ([10] * 3, 0), ([10] * 3, 1), ([10] * 3, 2), ([12] * 3, 0)]
-    assert [(n, k) for n, _, _, k in ablation_rows(ab)] == [(1, 3), (3, 3), (10, 3), (12, 1)]
-    assert ablation_rows(ab)[1][1] == pytest.approx(3.0) and ablation_rows(ab)[1][2] == 0.0
+    rows = ablation_rows(ab["levels"]["attn_mlp"])
+    assert [(n, k) for n, _, k in rows] == [(1, 3), (3, 3), (10, 3), (12, 1)]
+    assert rows[1][1]["average"] == pytest.approx((3.0, 0.0)) and rows[1][1]["math"] == pytest.approx((3.0, 0.0))
     assert not any((tmp_path / "work").iterdir())
-    again = sample_ablation(demo)  # cached: no merge, the same table
+    again = sample_ablation(demo, levels=("attn_mlp",))  # cached: no merge, the same table
     assert len(merges) == 1 and again == ab
     md = ablation_table({"ablations": {"samples": ab}, "baselines": {}})
-    assert "| 3 | 3.00 ± 0.00 |" in md and "| 12 | 12.00 |" in md
+    assert "| attn_mlp | 3 | 3.00 ± 0.00 | 3.00 ± 0.00 | 3.00 ± 0.00 | 3.00 ± 0.00 |" in md
+    assert "| attn_mlp | 12 | 12.00 | 12.00 | 12.00 | 12.00 |" in md
 
 
 def test_ablation_summary_across_zoos():
@@ -224,13 +231,14 @@ def test_ablation_summary_across_zoos():
 
     def zoo(accs):  # {count: [accuracy per draw]}
         runs = {str(n): [{"draw": d, "test": {t: a for t in TASKS}} for d, a in enumerate(v)] for n, v in accs.items()}
-        return {"ablations": {"samples": {"runs": runs}}}
+        return {"ablations": {"samples": {"levels": {"layer": runs}}}}
 
     s = ablation_summary([zoo({1: [0.2, 0.4], 5: [0.5]}), zoo({1: [0.4, 0.4], 5: [0.7]})])
-    assert [r["samples"] for r in s["rows"]] == [1, 5]
-    assert s["rows"][0] == pytest.approx({"samples": 1, "mean": 35.0, "zoo_std": 5.0, "draw_std": 5.0})
-    assert s["rows"][1] == pytest.approx({"samples": 5, "mean": 60.0, "zoo_std": 10.0, "draw_std": 0.0})
-    assert "| 1 | 35.00 ± 5.00 (draws ± 5.00) |" in ablation_summary_table(s)
+    rows = s["levels"]["layer"]
+    assert [r["samples"] for r in rows] == [1, 5]
+    assert rows[0] == pytest.approx({"samples": 1, "mean": 35.0, "zoo_std": 5.0, "draw_std": 5.0})
+    assert rows[1] == pytest.approx({"samples": 5, "mean": 60.0, "zoo_std": 10.0, "draw_std": 0.0})
+    assert "| layer | 1 | 35.00 ± 5.00 (draws ± 5.00) |" in ablation_summary_table(s)
     assert ablation_summary([{}]) is None and ablation_summary_table(None) == ""
 
 
