@@ -5,8 +5,9 @@ Diagnostics: for each level in DIAG_LEVELS, the calibration-seed-0 merge of the 
 (slta.diagnostics) at slta's α, at α x ALPHA_SCALES and at task arithmetic's validated λ on the
 triple; the report gets diagnostics.json ({level: document}) and diagnostics_LEVEL.png.
 
-Table 11: the statistics are measured once per level (layer and attn_mlp, as the paper's table), on the triple with the largest count
-(50 per task, capped at the zoo's calibration file), and every smaller count is re-solved from
+Table 11: the statistics are measured once per level in ABLATION_LEVELS (layer and attn_mlp, the
+paper's rows), on the triple with the largest count (50 per task, capped at the zoo's calibration
+file), and every smaller count is re-solved from
 `slta_stats.safetensors` (`slta solve --num-samples N --sample-seed D`: a seeded random subset of
 the saved samples per task) with no forward pass, merged and evaluated on the test split. Counts
 below the largest are drawn DRAWS times (mean ± std over draws).
