@@ -172,8 +172,10 @@ def ablation_summary_table(summary: dict[str, Any] | None) -> str:
     md = [(f"Calibration samples per task (paper Table 11; slta on the triple, average accuracy %; mean ± std over "
            f"{summary['zoos']} zoo seed(s), draws ± averaged over zoos):"), "",
           "| level | samples per task | average accuracy (%) |", "|---|---|---|"]
-    md += [f"| {level} | {r['samples']} | {r['mean']:.2f} ± {r['zoo_std']:.2f} (draws ± {r['draw_std']:.2f}) |"
-           for level, rows in summary["levels"].items() for r in rows]
+    for level, rows in summary["levels"].items():
+        for r in rows:
+            spread = f" ± {r['zoo_std']:.2f}" if summary["zoos"] > 1 else ""  # one zoo: no zoo spread
+            md.append(f"| {level} | {r['samples']} | {r['mean']:.2f}{spread} (draws ± {r['draw_std']:.2f}) |")
     return "\n".join(md) + "\n"
 
 

@@ -239,6 +239,8 @@ def test_ablation_summary_across_zoos():
     assert rows[0] == pytest.approx({"samples": 1, "mean": 35.0, "zoo_std": 5.0, "draw_std": 5.0})
     assert rows[1] == pytest.approx({"samples": 5, "mean": 60.0, "zoo_std": 10.0, "draw_std": 0.0})
     assert "| layer | 1 | 35.00 ± 5.00 (draws ± 5.00) |" in ablation_summary_table(s)
+    one = ablation_summary([zoo({1: [0.2, 0.4]})])
+    assert "| layer | 1 | 30.00 (draws ± 10.00) |" in ablation_summary_table(one)
     assert ablation_summary([{}]) is None and ablation_summary_table(None) == ""
 
 
