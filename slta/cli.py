@@ -33,7 +33,8 @@ def _solve(a: argparse.Namespace) -> None:
     from slta.merge import run_solve
 
     out = run_solve(a.stats, a.output, models=a.models, balance=a.balance, overwrite=a.overwrite,
-                    shard_size=a.shard_size, dtype=a.dtype, progress=not a.quiet)
+                    shard_size=a.shard_size, dtype=a.dtype, progress=not a.quiet,
+                    num_samples=a.num_samples, sample_seed=a.sample_seed)
     print(f"merged model written to {out}")
 
 
@@ -124,6 +125,10 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--models", type=_model_indices, help="comma-separated indices of the models to merge, e.g. 0,2 (default: all)")
     s.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
                    help="balanced (Eq. 33-34) or plain (Eq. 12-14) objective (default: as merged)")
+    s.add_argument("--num-samples", type=_positive_int,
+                   help="re-solve from only this many of the saved samples per task, a seeded random subset "
+                        "(the calibration-size ablation, paper Table 11; default: all)")
+    s.add_argument("--sample-seed", type=int, default=0, help="seed of the --num-samples subset (default 0)")
     s.add_argument("--dtype", help="output dtype (default: as merged)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--shard-size", default="5GB", type=_shard_size)
@@ -165,7 +170,7 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
 
 
 # Modules that add their own subcommand with `add_cli(subparsers)`, beside their implementation.
-COMMAND_MODULES: tuple[str, ...] = ("slta.demo", "slta.linearity", "slta.figures")
+COMMAND_MODULES: tuple[str, ...] = ("slta.demo", "slta.linearity", "slta.figures", "slta.diagnostics")
 
 
 def _extra_commands() -> list:

@@ -39,11 +39,20 @@ from slta.demo_table import (
 from slta.demo_zoos import KINDS, build_zoos, kind_size
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
+DATA_METHODS = ("slta", "regmean", "regmean_plusplus")  # merges that read calibration data
 __all__ = ["COMBOS", "LEVELS", "METHOD_NAMES", "TASKS", "baseline_grids", "run_demo", "table_rows"]
 
 
-def baseline_grids(size: str) -> dict[str, list[dict[str, Any]]]:
-    """Hyper-parameter grids (top-level `parameters`), after the methods' papers and the paper's A.3.4."""
+def baseline_grids(size: str, variants: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Hyper-parameter grids (top-level `parameters`), after the methods' papers and the paper's A.3.4.
+    `variants` adds RegMean++ (issue #16), with RegMean's grid."""
+    grids = _grids(size)
+    if variants:
+        grids["regmean_plusplus"] = grids["regmean"]
+    return grids
+
+
+def _grids(size: str) -> dict[str, list[dict[str, Any]]]:
     lambdas = [round(0.1 * i, 1) for i in range(1, 11)]
     if size == "tiny":  # CI: the same methods, fewer points
         return {
@@ -92,8 +101,9 @@ def _read_rows(path: Path) -> list[dict]:
 
 class Demo:
     def __init__(self, zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
-                 methods: set[str] | None = None, triple_only: bool = False):
+                 methods: set[str] | None = None, triple_only: bool = False, variants: bool = False):
         self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
+        self.variants = variants
         # the triple only: what a zoo's calibration targets are about, at a quarter of the evaluations
         self.combos = COMBOS[-1:] if triple_only else COMBOS
         self.methods = methods  # None: every baseline and slta
@@ -104,6 +114,8 @@ class Demo:
         self.val_limit = None if size == "tiny" else 100
         self.zoo_hash = json.loads((zoo / "zoo.json").read_text())["recipe_hash"]
         self.budget = generation_budget(zoo)
+        self.ta_lambda: float | None = None  # task arithmetic's validated λ on the triple: the diagnostics' λ
+        self.diagnostics: dict[str, Any] = {}  # level -> slta.diagnostics document (slta.demo_studies)
 
     # -- helpers ---------------------------------------------------------------------------------
     def files(self, tasks: tuple[str, ...], split: str) -> dict[str, Path]:
@@ -128,7 +140,7 @@ class Demo:
     def merge_config(self, method: str, tasks: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any]:
         return {"merge_method": method, "base_model": str(self.zoo / "base"),
                 "models": [{"model": str(self.zoo / t), "data": str(self.zoo / "data" / t / "calib.jsonl")}
-                           if method in ("slta", "regmean") else {"model": str(self.zoo / t)} for t in tasks],
+                           if method in DATA_METHODS else {"model": str(self.zoo / t)} for t in tasks],
                 "parameters": params, "dtype": "float32"}
 
     def merged_scores(self, cfg: dict[str, Any], tasks: tuple[str, ...], split: str) -> dict[str, float]:
@@ -153,7 +165,7 @@ class Demo:
 
     def baselines(self, bar) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
-        for method, grid in baseline_grids(self.size).items():
+        for method, grid in baseline_grids(self.size, self.variants).items():
             if self.methods is not None and method not in self.methods:
                 continue
             for combo in self.combos:
@@ -164,12 +176,12 @@ class Demo:
                         best, best_params = None, params
                         bar.update()
                         break
-                    cfg = self.merge_config(method, combo, {**params, "num_samples": 30} if method == "regmean" else params)
+                    cfg = self.merge_config(method, combo, {**params, "num_samples": 30} if method in DATA_METHODS else params)
                     val = np.mean(list(self.merged_scores(cfg, combo, "val").values()))
                     if val > best:
                         best, best_params = val, params
                     bar.update()
-                cfg = self.merge_config(method, combo, {**best_params, "num_samples": 30} if method == "regmean" else best_params)
+                cfg = self.merge_config(method, combo, {**best_params, "num_samples": 30} if method in DATA_METHODS else best_params)
                 test = self.merged_scores(cfg, combo, "test")
                 results.setdefault(method, {})["+".join(combo)] = {"params": best_params, "val_avg": best,
                                                                    "test": test}
@@ -177,6 +189,7 @@ class Demo:
 
     def slta(self, bar) -> dict[str, dict[str, Any]]:
         """Per level and seed: one forward pass on the triple, every pair re-solved from its statistics."""
+        from slta.demo_studies import diagnose_cached, diagnostics_path
         from slta.merge import run_merge, run_solve
 
         results: dict[str, dict[str, Any]] = {}
@@ -190,10 +203,13 @@ class Demo:
                 key = self.key({"config": cfg})
                 folder = self.work / f"slta-{key}"
                 keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
+                diag = diagnostics_path(self, level, seed, cfg)
                 cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
-                             for c in self.combos) and (keep is None or keep.exists())
+                             for c in self.combos) and (keep is None or keep.exists()) and (diag is None or diag.exists())
                 if not cached:
                     run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
+                if diag is not None:
+                    self.diagnostics[level] = diagnose_cached(self, folder, diag)
                 for combo in self.combos:
                     ck = self.key({"config": cfg, "combo": combo})
                     path = self.cache / f"eval-{ck}-test.json"
@@ -224,7 +240,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
-             triple_only: bool = False, jobs: int | None = None) -> dict[str, Any]:
+             triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
+             variants: bool = False) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -242,12 +259,13 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from slta.demo_studies import ablation_summary
     from slta.zoo.build import recipe_for
 
     kinds = KINDS if zoo_kind == "both" else (zoo_kind,)
     if any(k not in KINDS for k in kinds):
         raise ValueError(f"unknown zoo kind {zoo_kind!r}; known: {', '.join(KINDS)}, both")
-    known = set(baseline_grids(size)) | {"slta"}
+    known = set(baseline_grids(size, True)) | {"slta"}
     if methods is not None and not set(methods) <= known:
         raise ValueError(f"unknown methods: {', '.join(sorted(set(methods) - known))}; known: {', '.join(sorted(known))}")
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per evaluated model is noise here
@@ -271,12 +289,12 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
             path, zoo_s = zoos[(kind, zs)]
             print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {path} ...", flush=True)
             res = demo_one_zoo(path, out / f"{kind}-seed{zs}", kind_size(kind, size), device, seeds, progress,
-                               set(methods) if methods is not None else None, triple_only)
+                               set(methods) if methods is not None else None, triple_only, ablations, variants)
             res.update(kind=kind, zoo_seed=zs, report=str(out / f"{kind}-seed{zs}" / "report"))
             res["timings_s"]["zoo"] = zoo_s
             per_zoo.append(res)
         rows = multi_zoo_rows(per_zoo)
-        study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo),
+        study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo), "ablations": ablation_summary(per_zoo),
                                 "zoos": [{"zoo_seed": r["zoo_seed"], "zoo": r["zoo"], "report": r["report"],
                                           "zoo_recipe_hash": r["zoo_recipe_hash"]} for r in per_zoo]}
         print(f"\n== {kind} kind, zoo seeds {', '.join(map(str, zoo_seeds))} ==")
@@ -289,22 +307,35 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
 
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
-                 methods: set[str] | None, triple_only: bool = False) -> dict[str, Any]:
-    """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results."""
+                 methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
+                 variants: bool = False) -> dict[str, Any]:
+    """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
+    `ablations`: also the calibration-sample-count study (slta.demo_studies, paper Table 11).
+    `variants`: also slta's options beyond the paper and RegMean++ (slta.demo_variants)."""
+    from slta.demo_studies import sample_ablation, validated_lambda
+    from slta.demo_variants import n_variant_steps, run_variants
+
     started = time.perf_counter()
-    demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only)
-    grids = {m: g for m, g in baseline_grids(size).items() if methods is None or m in methods}
+    demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only, variants)
+    grids = {m: g for m, g in baseline_grids(size, variants).items() if methods is None or m in methods}
     n_slta = len(LEVELS) * len(demo.seeds) if methods is None or "slta" in methods else 0
+    n_slta += n_variant_steps(len(demo.combos)) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
     with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()
         bar.update(len(TASKS) + 1)
         base = demo.baselines(bar)
+        demo.ta_lambda = validated_lambda(base)
         ours = demo.slta(bar)
+        if variants and (methods is None or "slta" in methods):
+            ours.update(run_variants(demo, bar))
+        bar.set_postfix_str("ablations" if ablations else "")
+        studies = {"samples": sample_ablation(demo)} if ablations and (methods is None or "slta" in methods) else {}
     results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
                "baselines": base, "slta": ours, "seeds": demo.seeds,
-               "timings_s": {"total": time.perf_counter() - started}}
+               "timings_s": {"total": time.perf_counter() - started},
+               **({"diagnostics": demo.diagnostics} if demo.diagnostics else {}), **({"ablations": studies} if studies else {})}
     write_report(results, out / "report")
     return results
 
@@ -334,8 +365,11 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
                "|---|" + "---|" * len(TASKS)]
     for name, scores in refs.items():
         detail.append(f"| {name} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in TASKS) + " |")
+    from slta.demo_studies import ablation_table, write_diagnostics
+
     (folder / "results.md").write_text(f"# slta demo ({results['size']} zoo {results['zoo']})\n\n" + tables["markdown"]
-                                       + "\n" + "\n".join(detail) + "\n")
+                                       + "\n" + "\n".join(detail) + "\n\n" + ablation_table(results))
+    write_diagnostics(results, folder)
     accuracy_bars(rows, f"slta demo ({results['size']} zoo {Path(results['zoo']).name})", folder / "accuracy.png")
     heat = folder / "slta_attn_mlp_triple_seed0" / "slta_report.json"
     if heat.exists():
@@ -363,13 +397,19 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="merge only the three-task combination (the pairs' cells stay empty): zoo calibration")
     p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
                    help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
+    p.add_argument("--ablations", action="store_true",
+                   help="also the calibration-sample-count ablation (paper Table 11: 1, 3, 10, 30, 50 per task, "
+                        "re-solved from one measurement's saved statistics)")
+    p.add_argument("--variants", action="store_true",
+                   help="also slta's options beyond the paper (tokens, inputs, refine) and RegMean++ as extra rows "
+                        "(slta.demo_variants); a variant is chosen on the validation split")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
                                            a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
-                                           a.triple_only, a.jobs))
+                                           a.triple_only, a.jobs, a.ablations, a.variants))
 
 
 def _override(s: str) -> tuple[str, Any]:

@@ -21,7 +21,13 @@ LEVEL_NAMES = {"model": "slta Model Level", "layer": "slta Layer Level", "attn_m
                "head_mlp": "slta Head/MLP Level"}
 METHOD_NAMES = {"weight_average": "Weight Avg", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
                 "dare_linear": "DARE", "breadcrumbs": "Breadcrumbs", "consensus_ta": "Consensus TA",
-                "regmean": "RegMean"}
+                "regmean": "RegMean", "regmean_plusplus": "RegMean++"}
+def level_name(key: str) -> str:
+    """"attn_mlp" -> "slta Attn/MLP Level"; "attn_mlp|response" (a variant, slta.demo_variants) -> "... · response"."""
+    level, _, variant = key.partition("|")
+    return LEVEL_NAMES[level] + (f" · {variant}" if variant else "")
+
+
 Cell = tuple[float, float | None, float | None]  # mean, std across zoo seeds, std across calibration seeds
 
 
@@ -46,11 +52,13 @@ def zoo_rows(results: dict[str, Any]) -> list[tuple[str, list[tuple[float, list[
         rows.append((METHOD_NAMES.get(method, method),
                      [(_avg(_run(by_combo, c)["test"], c) if _run(by_combo, c) else NAN, None) for c in COMBOS]))
     for level, by_combo in results["slta"].items():
+        if level.endswith("|paper"):  # the paper's method at calibration seed 0, run for the variants' choice
+            continue
         cells = []
         for c in COMBOS:
             vals = [_avg(r["test"], c) for r in _run(by_combo, c)] if _run(by_combo, c) else [NAN]
             cells.append((float(np.mean(vals)), vals))
-        rows.append((LEVEL_NAMES[level], cells))
+        rows.append((level_name(level), cells))
     return rows
 
 
@@ -158,11 +166,25 @@ def write_summary(study: dict[str, Any], folder: Path) -> None:
     for kind, k in study["kinds"].items():
         rows = [(n, [tuple(c) for c in cells]) for n, cells in k["table"]]
         md += [f"## {kind} kind", "", results_table(rows, len(k["zoos"]))["markdown"], "",
-               f"Baselines in brief: {summary_line(k['summary'])}", "",
+               f"Baselines in brief: {summary_line(k['summary'])}", "", ablation_summary_table(k.get("ablations")),
                "Per-zoo reports: " + ", ".join(f"`{z['report']}`" for z in k["zoos"]), ""]
         accuracy_bars(rows, f"slta demo ({study['size']}, {kind} kind, {len(k['zoos'])} zoo seeds)",
                       folder / f"accuracy_{kind}.png")
     (folder / "results.md").write_text("\n".join(md))
+
+
+def ablation_summary_table(summary: dict[str, Any] | None) -> str:
+    """Markdown of slta.demo_studies.ablation_summary, the paper's Table 11 (empty when there is none)."""
+    if not summary:
+        return ""
+    md = [(f"Calibration samples per task (paper Table 11; slta on the triple, average accuracy %; mean ± std over "
+           f"{summary['zoos']} zoo seed(s), draws ± averaged over zoos):"), "",
+          "| level | samples per task | average accuracy (%) |", "|---|---|---|"]
+    for level, rows in summary["levels"].items():
+        for r in rows:
+            spread = f" ± {r['zoo_std']:.2f}" if summary["zoos"] > 1 else ""  # one zoo: no zoo spread
+            md.append(f"| {level} | {r['samples']} | {r['mean']:.2f}{spread} (draws ± {r['draw_std']:.2f}) |")
+    return "\n".join(md) + "\n"
 
 
 def accuracy_bars(rows: list[tuple[str, list[Cell]]], title: str, path: Path) -> None:

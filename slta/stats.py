@@ -9,6 +9,7 @@ pass, only the T+1 checkpoints are read again.
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -81,14 +82,31 @@ def check_solvable(meta: dict[str, Any], stats: str | Path) -> None:
                          f"`slta solve` cannot re-solve it from saved statistics; run `slta merge` instead")
 
 
+def sample_subset(tasks: np.ndarray, num_samples: int, seed: int = 0) -> np.ndarray:
+    """Rows of the statistics to keep: per task, `num_samples` of its saved samples drawn with
+    random.Random(seed) (all of them when it has no more), in their saved order. The per-sample Grams
+    make a re-solve on these rows equal to a merge measured on these samples alone (Table 11)."""
+    rng = random.Random(seed)
+    keep = []
+    for t in sorted(set(tasks.tolist())):
+        rows = np.flatnonzero(tasks == t).tolist()
+        keep += rows if num_samples >= len(rows) else sorted(rng.sample(rows, num_samples))
+    return np.array(sorted(keep), dtype=np.int64)
+
+
 def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = None, balance: bool | None = None,
               overwrite: bool = False, shard_size: str | int = "5GB", dtype: str | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, num_samples: int | None = None, sample_seed: int = 0) -> Path:
     """`slta solve STATS -o OUT`: re-solve α from saved Grams for any subset of the models, plain or
-    balanced, and write the merge. No forward pass: only the T+1 checkpoints are read again."""
+    balanced, and write the merge. No forward pass: only the T+1 checkpoints are read again.
+    `num_samples` keeps that many saved samples per task (`sample_subset`, seeded by `sample_seed`)."""
     started = time.perf_counter()
     grams, tasks, meta = read_stats(stats)
     check_solvable(meta, stats)
+    subset = None
+    if num_samples is not None:
+        subset = sample_subset(tasks, num_samples, sample_seed)
+        grams, tasks = {k: g[subset] for k, g in grams.items()}, tasks[subset]
     stats_inputs = {f"statistics {stats}": stats, f"base_model {meta['base_model']}": meta["base_model"],
                     **{f"model {p}": p for p in meta["models"]}, **{f"data {p}": p for p in meta["data"]}}
     check_output(out, overwrite, stats_inputs)
@@ -130,6 +148,8 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
         report = {"method": "slta", "granularity": plan.granularity, "balance": bal, "tokens": cfg.param("tokens"),
                   "num_samples": meta["num_samples"], "seed": meta["seed"], "solved_from": str(Path(stats)),
                   "models_subset": models,
+                  **({"sample_subset": {"num_samples": num_samples, "seed": sample_seed, "rows": subset.tolist()}}
+                     if subset is not None else {}),
                   "samples_per_task": [int((tasks == m).sum()) for m in models],
                   "modules": {k: s.to_json() for k, s in sols.items()},
                   "timings": {"total": time.perf_counter() - started}}

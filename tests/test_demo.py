@@ -73,8 +73,14 @@ def test_tiny_demo_end_to_end(tmp_path):
                 assert std is None or math.isfinite(std)
         for level in LEVELS:  # three calibration seeds per level and combination
             assert all(len(runs) == 3 for runs in results["slta"][level].values())
-        for name in ("results.md", "accuracy.png", "alpha_heatmap_attn_mlp_triple.png"):
+        for name in ("results.md", "accuracy.png", "alpha_heatmap_attn_mlp_triple.png", "diagnostics.md",
+                     "diagnostics_attn_mlp.png", "diagnostics_layer.png"):
             assert (out / f"{kind}-seed0" / "report" / name).stat().st_size > 0, (kind, name)
+        diag = json.loads((out / f"{kind}-seed0" / "report" / "diagnostics.json").read_text())
+        assert list(diag) == ["layer", "attn_mlp"]  # the demo's LEVELS order
+        lam = results["baselines"]["task_arithmetic"]["+".join(COMBOS[-1])]["params"]["weight"]
+        assert list(diag["attn_mlp"]["points"]) == ["slta", "slta x1.5", f"task_arithmetic {lam:g}"]
+        assert diag["attn_mlp"]["timings"]["total"] < 30  # the tiny path stays fast
         assert (out / "report" / f"accuracy_{kind}.png").stat().st_size > 0
     assert "== chat kind" in proc.stdout and "slta Attn/MLP Level" in proc.stdout
 
