@@ -189,7 +189,7 @@ def diagnose(merged: str | Path, lambdas: list[float] = (), alpha_scales: list[f
     changed = changed_inputs(meta.get("inputs") or {}, [meta["base_model"], *meta["models"], *meta["data"]])
     if changed:
         raise MergeError(f"{merged}: {changed[0]} changed since the merge; its α no longer describes these inputs")
-    balance = bool(cfg.get("parameters", {}).get("balance", True))
+    balance = bool(load_merge_config(cfg).param("balance"))  # as the merge solved (its default included)
     alphas = {k: solve_module(g, tasks, balance).alpha for k, g in saved.items()}
     points = merge_points(alphas, list(lambdas), list(alpha_scales))
     grams, got_tasks, granularity = measure(cfg, points, device, progress)
@@ -264,9 +264,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="also diagnose task arithmetic at this λ (repeatable), e.g. its validated λ")
     p.add_argument("--alpha-scale", dest="scales", type=float, action="append", default=[],
                    help="also diagnose slta's α multiplied by this factor (repeatable)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=lambda a: _cli(a))
+    p.set_defaults(func=_cli)
 
 
 def _cli(a: argparse.Namespace) -> None:
