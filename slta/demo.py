@@ -23,19 +23,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from slta.demo_table import (
-    COMBOS,
-    LEVEL_NAMES,
-    METHOD_NAMES,
-    TASKS,
-    accuracy_bars,
-    baseline_summary,
-    multi_zoo_rows,
-    results_table,
-    summary_line,
-    table_rows,
-    write_summary,
-)
+from slta.demo_table import (COMBOS, METHOD_NAMES, TASKS, baseline_summary, level_name, multi_zoo_rows, results_table,
+                             summary_line, table_rows, write_report, write_summary)
 from slta.demo_zoos import KINDS, build_zoos, kind_size
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
@@ -260,6 +249,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     from transformers.utils import logging as hf_logging
 
     from slta.demo_studies import ablation_summary
+    from slta.demo_variants import chosen_by_validation
     from slta.zoo.build import recipe_for
 
     kinds = KINDS if zoo_kind == "both" else (zoo_kind,)
@@ -300,6 +290,10 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
         print(f"\n== {kind} kind, zoo seeds {', '.join(map(str, zoo_seeds))} ==")
         print(results_table(rows, len(per_zoo))["text"])
         print(f"baselines in brief: {summary_line(study['kinds'][kind]['summary'])}")
+        if variants:
+            study["kinds"][kind]["chosen_on_validation"] = chosen = [chosen_by_validation(r) for r in per_zoo]
+            print("slta chosen on the validation split (triple, calibration seed 0), per zoo: " + "; ".join(
+                f"{level_name(c['row'])}: val {c['val']:.1f}, test {c['test']:.1f}" for c in chosen if c))
     study["timings_s"]["total"] = time.perf_counter() - started
     write_summary(study, out / "report")
     print(f"\nreport written to {out / 'report'} ({study['timings_s']['total']:.0f}s)")
@@ -338,44 +332,6 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
                **({"diagnostics": demo.diagnostics} if demo.diagnostics else {}), **({"ablations": studies} if studies else {})}
     write_report(results, out / "report")
     return results
-
-
-# -- the one-zoo report ---------------------------------------------------------------------------
-
-def write_report(results: dict[str, Any], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [(name, [(m, None, sd) for m, sd in cells]) for name, cells in table_rows(results)]
-    tables = results_table(rows, 1)
-    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    detail = ["", "## Per-task accuracy (%)", "", "| Method | Combination | " + " | ".join(TASKS) + " |",
-              "|---|---|" + "---|" * len(TASKS)]
-    for method, by_combo in results["baselines"].items():
-        for combo, r in by_combo.items():
-            detail.append(f"| {METHOD_NAMES.get(method, method)} ({r['params']}) | {combo} | "
-                          + " | ".join(f"{100 * r['test'][t]:.1f}" if t in r["test"] else "" for t in TASKS) + " |")
-    for level, by_combo in results["slta"].items():
-        for combo, runs in by_combo.items():
-            cells = []
-            for t in TASKS:
-                vals = [100 * r["test"][t] for r in runs if t in r["test"]]
-                cells.append(f"{np.mean(vals):.1f} ± {np.std(vals):.1f}" if vals else "")
-            detail.append(f"| {LEVEL_NAMES[level]} | {combo} | " + " | ".join(cells) + " |")
-    refs = results["reference"]
-    detail += ["", "## Base and fine-tunes on every task (%)", "", "| Model | " + " | ".join(TASKS) + " |",
-               "|---|" + "---|" * len(TASKS)]
-    for name, scores in refs.items():
-        detail.append(f"| {name} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in TASKS) + " |")
-    from slta.demo_studies import ablation_table, write_diagnostics
-
-    (folder / "results.md").write_text(f"# slta demo ({results['size']} zoo {results['zoo']})\n\n" + tables["markdown"]
-                                       + "\n" + "\n".join(detail) + "\n\n" + ablation_table(results))
-    write_diagnostics(results, folder)
-    accuracy_bars(rows, f"slta demo ({results['size']} zoo {Path(results['zoo']).name})", folder / "accuracy.png")
-    heat = folder / "slta_attn_mlp_triple_seed0" / "slta_report.json"
-    if heat.exists():
-        from slta.figures import fig5_alpha
-
-        fig5_alpha(json.loads(heat.read_text()), folder / "alpha_heatmap_attn_mlp_triple.png")
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
