@@ -23,8 +23,19 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from slta.demo_table import (COMBOS, METHOD_NAMES, TASKS, baseline_summary, level_name, multi_zoo_rows, results_table,
-                             summary_line, table_rows, write_report, write_summary)
+from slta.demo_report import write_report
+from slta.demo_table import (
+    COMBOS,
+    METHOD_NAMES,
+    TASKS,
+    baseline_summary,
+    level_name,
+    multi_zoo_rows,
+    results_table,
+    summary_line,
+    table_rows,
+    write_summary,
+)
 from slta.demo_zoos import KINDS, build_zoos, kind_size
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
