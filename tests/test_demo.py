@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from slta.demo import COMBOS, LEVELS, METHOD_NAMES, TASKS, baseline_grids, table_rows
@@ -115,3 +116,32 @@ def test_triple_only_results_leave_the_pairs_empty():
     assert rows["Task Arithmetic"][-1] == pytest.approx((40.0, 0.0, None))
     md = results_table(list(rows.items()), 2)["markdown"]
     assert "| Task Arithmetic | – | – | – | " in md and "nan" not in md
+
+
+def test_variants_rows_and_the_choice_on_validation(tmp_path):
+    """`--variants` adds a row per slta variant and level, RegMean++ among the baselines, and picks
+    the slta row with the best validation score on the triple (the paper's rows compete as `|paper`)."""
+    from slta.demo_table import level_name
+    from slta.demo_variants import VARIANT_LEVELS, VARIANTS, chosen_by_validation
+
+    zoo, out = tmp_path / "zoo", tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "chat", "--zoo", str(zoo),
+                           "--out", str(out), "--variants", "--seeds", "1", "--methods", "task_arithmetic,regmean_plusplus,slta",
+                           "-q"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "chat-seed0" / "report" / "results.json").read_text())
+    assert set(results["baselines"]) == {"task_arithmetic", "regmean_plusplus"}
+    names = [name for name, _ in table_rows(results)]
+    assert "RegMean++" in names
+    for level in VARIANT_LEVELS:
+        for variant in VARIANTS:
+            key = f"{level}|{variant}"
+            runs = results["slta"][key]
+            assert set(runs) == {"+".join(c) for c in COMBOS} and "val" in runs["math+code+translate"][0]
+            assert (level_name(key) in names) == (variant != "paper")
+    study = json.loads((out / "report" / "results.json").read_text())
+    chosen = study["kinds"]["chat"]["chosen_on_validation"][0]
+    best_val = max(100 * np.mean(list(r[0]["val"].values())) for k, r in
+                   ((k, v["math+code+translate"]) for k, v in results["slta"].items()) if "val" in r[0])
+    assert chosen == chosen_by_validation(results) and math.isclose(chosen["val"], best_val)
+    assert "chosen on the validation split" in proc.stdout
