@@ -75,8 +75,8 @@ def chosen_by_validation(results: dict[str, Any], triple: str = "math+code+trans
         runs = by_combo.get(triple) or []
         if not runs or any("val" not in r for r in runs):
             continue
-        val = float(np.mean([np.mean(list(r["val"].values())) for r in runs]))
-        test = float(np.mean([np.mean(list(r["test"].values())) for r in runs]))
+        val = 100 * float(np.mean([np.mean(list(r["val"].values())) for r in runs]))
+        test = 100 * float(np.mean([np.mean(list(r["test"].values())) for r in runs]))
         if best is None or val > best["val"]:
-            best = {"row": key, "val": 100 * val, "test": 100 * test}
+            best = {"row": key, "val": val, "test": test}
     return best
