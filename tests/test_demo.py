@@ -145,3 +145,16 @@ def test_variants_rows_and_the_choice_on_validation(tmp_path):
                    ((k, v["math+code+translate"]) for k, v in results["slta"].items()) if "val" in r[0])
     assert chosen == chosen_by_validation(results) and math.isclose(chosen["val"], best_val)
     assert "chosen on the validation split" in proc.stdout
+
+
+def test_choice_on_validation_takes_the_best_validation_row_not_the_best_test_row():
+    from slta.demo_variants import chosen_by_validation
+
+    def run(val: float, test: float) -> list[dict]:
+        return [{"seed": 0, "val": {"math": val, "code": val}, "test": {"math": test, "code": test}}]
+
+    results = {"slta": {"layer": {"math+code": [{"seed": 0, "test": {"math": 0.9, "code": 0.9}}]},  # no val: not a candidate
+                        "layer|paper": {"math+code": run(0.20, 0.30)},
+                        "layer|response": {"math+code": run(0.40, 0.35)},
+                        "attn_mlp|response": {"math+code": run(0.30, 0.60)}}}
+    assert chosen_by_validation(results, "math+code") == {"row": "layer|response", "val": 40.0, "test": 35.0}
