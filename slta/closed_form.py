@@ -63,6 +63,12 @@ class ClosedForm(Client):
         # beyond the paper (slta.progressive, slta.refine); the paper is inputs: base, refine: 0
         self.inputs, self.refine = ins.cfg.param("inputs"), int(ins.cfg.param("refine"))
         self.variant = self.inputs == "merged" or self.refine > 0
+        self.targets = None  # targets: trajectory (slta.trajectory): the products b is built from
+        if ins.cfg.param("targets") == "trajectory":
+            from slta.trajectory import Targets
+
+            self.targets = Targets(len(task_of), len(ins.tuned), store_device(store))
+        self.scale = float(ins.cfg.param("scale"))
         self.refined: dict[str, dict[str, Any]] = {}
         self.sols: dict[str, Solution] = {}
         self.alphas: dict[str, np.ndarray] = {}
@@ -80,7 +86,9 @@ class ClosedForm(Client):
 
     def solve(self, name: str) -> None:
         """α of one module from its Grams (Eq. 12-14; balanced: Eq. 33-34)."""
-        self.sols[name] = solve_module(self.store.g[name].cpu().numpy(), self.task_of, self.balance, rcond=self.rcond)
+        cross = self.targets.get(name) if self.targets else None
+        sol = solve_module(self.store.g[name].cpu().numpy(), self.task_of, self.balance, rcond=self.rcond, cross=cross)
+        self.sols[name] = sol.scaled(self.scale)
         self.alphas[name] = self.sols[name].alpha
 
     def refine_module(self, name: str, kind: str, i: int, versions: list[dict[str, torch.Tensor]],
@@ -127,6 +135,10 @@ class ClosedForm(Client):
             self.mark("embed", ["embed"])
         elif not self.model_level:
             self.mark("embed", [])
+        if self.targets:  # fine-tune a's own forward pass starts at its own embedding (slta.trajectory)
+            from slta.trajectory import own_embedding
+
+            own_embedding(self)
 
     def layer(self, i: int, names: list[str], loaded: Loaded | None) -> None:
         from slta.features import layer_features, sub, to_compute, upcast_whole_layer
@@ -167,6 +179,10 @@ class ClosedForm(Client):
         if self.writer and not self.model_level:
             write_alpha_tensors(self.ins, self.plan, self.writer, self.alphas,
                                 ([self.plan.tensor_order[0]] if tied else []) + names)
+
+
+def store_device(store: GramStore) -> torch.device:
+    return next(iter(store.g.values())).device
 
 
 def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, device: torch.device,
@@ -237,6 +253,8 @@ def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]
         "tokens": cfg.param("tokens"),
         "inputs": cfg.param("inputs"),
         "refine": cfg.param("refine"),
+        "targets": cfg.param("targets"),
+        "scale": cfg.param("scale"),
         "num_samples": cfg.param("num_samples"),
         "seed": cfg.param("seed"),
         "samples_per_task": [len(ix) for ix in res.sample_indices],

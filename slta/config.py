@@ -280,10 +280,12 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
 
 
 def _validate_variants(cfg: MergeConfig, where: str, granularity: str) -> None:
-    """slta's options beyond the paper (docs/methods.md): tokens, inputs, refine."""
+    """slta's options beyond the paper (docs/methods.md): tokens, inputs, refine, targets, scale."""
     tokens, inputs, refine = cfg.param("tokens"), cfg.param("inputs"), cfg.param("refine")
-    choices = {"tokens": ("all", "response", "response_shifted"), "inputs": ("base", "merged")}
-    for key, value in (("tokens", tokens), ("inputs", inputs)):
+    targets, scale = cfg.param("targets"), cfg.param("scale")
+    choices = {"tokens": ("all", "response", "response_shifted"), "inputs": ("base", "merged"),
+               "targets": ("module", "trajectory")}
+    for key, value in (("tokens", tokens), ("inputs", inputs), ("targets", targets)):
         if value not in choices[key]:
             raise ConfigError(f"{where}: parameters.{key}: {value!r} is not one of {', '.join(choices[key])}")
     if not isinstance(refine, int) or isinstance(refine, bool) or refine < 0:
@@ -293,6 +295,13 @@ def _validate_variants(cfg: MergeConfig, where: str, granularity: str) -> None:
                           f"head_mlp, not {granularity!r}")
     if refine and granularity not in ("layer", "attn_mlp"):
         raise ConfigError(f"{where}: parameters.refine: offered at granularity layer or attn_mlp, not {granularity!r}")
+    if targets == "trajectory" and (inputs != "merged" or granularity not in ("layer", "attn_mlp") or refine):
+        raise ConfigError(f"{where}: parameters.targets: trajectory needs inputs: merged and refine: 0, at "
+                          f"granularity layer or attn_mlp (got inputs: {inputs}, refine: {refine}, {granularity})")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ConfigError(f"{where}: parameters.scale: expected a positive number, got {scale!r}")
+    if scale != 1 and refine:
+        raise ConfigError(f"{where}: parameters.scale: not with refine (the Gauss-Newton steps would undo it)")
 
 
 _DEVICE_RE = re.compile(r"cpu|cuda|cuda:\d+|auto|mps")

@@ -305,6 +305,10 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
             study["kinds"][kind]["chosen_on_validation"] = chosen = [chosen_by_validation(r) for r in per_zoo]
             print("slta chosen on the validation split (triple, calibration seed 0), per zoo: " + "; ".join(
                 f"{level_name(c['row'])}: val {c['val']:.1f}, test {c['test']:.1f}" for c in chosen if c))
+            study["kinds"][kind]["chosen_with_scale"] = with_scale = [chosen_by_validation(r, searched=True)
+                                                                      for r in per_zoo]
+            print("... with the scale search (a one-parameter search) competing: " + "; ".join(
+                f"{level_name(c['row'])}: val {c['val']:.1f}, test {c['test']:.1f}" for c in with_scale if c))
     study["timings_s"]["total"] = time.perf_counter() - started
     write_summary(study, out / "report")
     print(f"\nreport written to {out / 'report'} ({study['timings_s']['total']:.0f}s)")

@@ -5,7 +5,7 @@ attn_mlp levels with calibration seed 0, on every combination, merged directly (
 `inputs: merged` or `refine` cannot be re-solved from the triple's statistics, so every variant is
 treated alike). The triple is also scored on the validation split: a variant is *chosen* by
 validation only, and its test score is what the report states. RegMean++ joins the baselines,
-grid-searched like RegMean.
+grid-searched like RegMean. The scale fallback (SCALES) adds one row per scaled variant and level.
 """
 
 from __future__ import annotations
@@ -23,14 +23,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "merged": {"inputs": "merged"},
     "response+merged": {"tokens": "response", "inputs": "merged"},
     "response+merged+refine2": {"tokens": "response", "inputs": "merged", "refine": 2},
+    "trajectory": {"inputs": "merged", "targets": "trajectory"},
+    "response+trajectory": {"tokens": "response", "inputs": "merged", "targets": "trajectory"},
 }
 VARIANT_LEVELS = ("layer", "attn_mlp")
 VARIANT_SEEDS = (0,)
 SEP = "|"  # results["slta"] keys: "LEVEL" (the paper) or "LEVEL|VARIANT"
+# The fallback of issue #16, a one-parameter search like task arithmetic's λ: every α times s, with s
+# chosen on the validation split per combination (1.0 included), for the variants whose α come from
+# the Grams alone. Rows "LEVEL|VARIANT×scale"; never a training-free candidate (`chosen_by_validation`).
+SCALES = (1.0, 1.2, 1.4, 1.6)
+SCALED = ("paper", "response")
+SEARCHED = "×scale"
 
 
 def n_variant_steps(n_combos: int) -> int:
-    return len(VARIANTS) * len(VARIANT_LEVELS) * len(VARIANT_SEEDS) * n_combos
+    return (len(VARIANTS) + len(SCALED)) * len(VARIANT_LEVELS) * len(VARIANT_SEEDS) * n_combos
 
 
 def scores(demo, cfg: dict[str, Any], combo: tuple[str, ...], splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -65,13 +73,40 @@ def run_variants(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
                     results.setdefault(f"{level}{SEP}{name}", {}).setdefault("+".join(combo), []).append(
                         {"seed": seed, **got})
                     bar.update()
+    results.update(run_scaled(demo, bar))
     return results
 
 
-def chosen_by_validation(results: dict[str, Any], triple: str = "math+code+translate") -> dict[str, Any] | None:
-    """The slta row (paper or variant) with the best validation average on the triple, and its test."""
+def run_scaled(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{"LEVEL|VARIANT×scale": {"math+code": [{"seed", "scale", "test", "val"}], ...}}: the scale of every
+    α chosen on each combination's validation split from SCALES (the fallback; see SCALES)."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name in SCALED:
+        for level in VARIANT_LEVELS:
+            for combo in demo.combos:
+                bar.set_postfix_str(f"slta {level} {name} scale {'+'.join(combo)}")
+                best = None
+                for s in SCALES:
+                    params = {"granularity": level, "num_samples": 30, "seed": 0, **VARIANTS[name]}
+                    cfg = demo.merge_config("slta", combo, {**params, **({"scale": s} if s != 1.0 else {})})
+                    val = float(np.mean(list(scores(demo, cfg, combo, ("val",))["val"].values())))
+                    if best is None or val > best[0]:
+                        best = (val, s, cfg)
+                got = scores(demo, best[2], combo, ("test", "val"))
+                results.setdefault(f"{level}{SEP}{name}{SEARCHED}", {})["+".join(combo)] = [
+                    {"seed": 0, "scale": best[1], **got}]
+                bar.update()
+    return results
+
+
+def chosen_by_validation(results: dict[str, Any], triple: str = "math+code+translate",
+                         searched: bool = False) -> dict[str, Any] | None:
+    """The slta row (paper or variant) with the best validation average on the triple, and its test.
+    The training-free rows only, unless `searched` (then the ×scale rows compete too)."""
     best = None
     for key, by_combo in results.get("slta", {}).items():
+        if key.endswith(SEARCHED) and not searched:
+            continue
         runs = by_combo.get(triple) or []
         if not runs or any("val" not in r for r in runs):
             continue

@@ -41,6 +41,7 @@ class Batch:
     hv: list[torch.Tensor] = field(default_factory=list)
     # (b, s) bool: the positions the objective counts (`tokens:`, slta.tokens); None: every real token
     count: torch.Tensor | None = None
+    own: torch.Tensor | None = None  # `targets: trajectory`: the batch's task's fine-tune's own hidden state
 
     @property
     def counted(self) -> torch.Tensor:

@@ -17,6 +17,9 @@ the embedding's α is solved last together with the head (one module), so layer 
 the base embedding. The head is solved on the merged model's final hidden states. `model` (one
 module: nothing to progress) and `linear` are not offered.
 
+`targets: trajectory` (slta.trajectory) runs the same pass with a third stream per batch, `own`: the
+hidden state of the batch's task's fine-tune along its own forward pass, which gives each module's target.
+
 With `inputs: base` and `refine: N > 0` the same pass runs with the base stream (h advances through
 the base layer, exactly as slta.features.layer_features does, so the Grams are bit-identical) and
 only adds the refinement.
@@ -77,12 +80,16 @@ def variant_layer(client: Any, i: int, versions: list[dict[str, torch.Tensor]]) 
     mods = plan.layer_modules(i)
     kinds = {m.kind for m in mods}
     merged_inputs = client.inputs == "merged"
+    own = client.targets  # targets: trajectory (slta.trajectory): fine-tune a's own stream, in b.own
     if kinds == {"layer"}:
         name = mods[0].name
         xs, base_out = [b.h for b in batches], []
         for b, x in zip(batches, xs):
             outs = [runner.layer_out(i, p, x, b) for p in versions]
             store.add(name, outs, b)
+            if own:  # fine-tune a's own layer output, in the layer output's coordinates
+                b.own = runner.layer_out(i, versions[b.task + 1], b.own, b)
+                own.add(name, outs, b.own, b)
             if not merged_inputs:  # the base output is the next input
                 base_out.append(outs[0])
         client.solve(name)
@@ -102,6 +109,9 @@ def variant_layer(client: Any, i: int, versions: list[dict[str, torch.Tensor]]) 
     for b, x in zip(batches, xs):  # the attention block (and its heads) on the current stream
         attn = [runner.attn_out(i, p, x, b) for p in versions]
         store.add(f"layers.{i}.attn", attn, b)
+        if own:  # fine-tune a's own attention residual, less the merged stream's x
+            b.own = b.own + runner.attn_out(i, versions[b.task + 1], b.own, b)
+            own.add(f"layers.{i}.attn", attn, b.own - x, b)
         if heads:
             head_features(runner, i, heads, versions, x, b, store)
         if not merged_inputs:
@@ -120,6 +130,9 @@ def variant_layer(client: Any, i: int, versions: list[dict[str, torch.Tensor]]) 
     for b, m in zip(batches, ms):
         mlp = [runner.mlp_out(i, p, m) for p in versions]
         store.add(f"layers.{i}.mlp", mlp, b)
+        if own:  # fine-tune a's own layer output, less the merged stream's m
+            b.own = b.own + runner.mlp_out(i, versions[b.task + 1], b.own)
+            own.add(f"layers.{i}.mlp", mlp, b.own - m, b)
         if not merged_inputs:
             mlp_base.append(mlp[0])
     client.solve(f"layers.{i}.mlp")

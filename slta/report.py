@@ -68,6 +68,10 @@ def variant_sentence(report: dict[str, Any]) -> str:
     extra = []
     if report.get("tokens", "all") != "all":
         extra.append(f"counting only the response positions (`tokens: {report['tokens']}`)")
+    if report.get("targets", "module") != "module":
+        extra.append("fitting each module to the fine-tunes' own hidden states (`targets: trajectory`)")
+    if report.get("scale", 1) != 1:
+        extra.append(f"with every α multiplied by {report['scale']} (`scale`)")
     if report.get("refine"):
         extra.append(f"then refined by {report['refine']} Gauss-Newton step(s) on the exact objective (Eq. 10)")
     return inputs + "".join(f", {e}" for e in extra) + "."

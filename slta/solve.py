@@ -41,6 +41,12 @@ class Solution:
     b: np.ndarray = field(repr=False)
     skipped_samples: int = 0  # balanced: samples whose every feature difference is zero
 
+    def scaled(self, scale: float) -> Solution:
+        """The same solution with α multiplied by `scale` (the `scale` parameter; 1: the paper)."""
+        if scale == 1:
+            return self
+        return Solution(self.alpha * scale, self.rule, self.rank, self.cond, self.A, self.b, self.skipped_samples)
+
     def to_json(self) -> dict:
         """The report's entry for the module (A and b left out)."""
         return {"alpha": [float(a) for a in self.alpha], "rule": self.rule, "rank": self.rank,
@@ -48,34 +54,42 @@ class Solution:
                 "skipped_samples": self.skipped_samples}
 
 
-def restrict(grams: np.ndarray, tasks: np.ndarray, models: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Statistics of a subset of the models: rows/cols of G and the samples of their tasks."""
+def restrict(grams: np.ndarray, tasks: np.ndarray, models: list[int] | None,
+             cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Statistics of a subset of the models: rows/cols of G (and columns of `cross`) and the samples
+    of their tasks."""
     if models is None:
-        return grams, tasks
+        return grams, tasks, cross
     models = list(models)
     keep = np.isin(tasks, models)
     remap = {m: i for i, m in enumerate(models)}
     sub = grams[keep][:, models][:, :, models]
-    return sub, np.array([remap[t] for t in tasks[keep]], dtype=np.int64)
+    sub_cross = None if cross is None else cross[keep][:, models]
+    return sub, np.array([remap[t] for t in tasks[keep]], dtype=np.int64), sub_cross
 
 
-def objective(grams: np.ndarray, tasks: np.ndarray, balance: bool) -> tuple[np.ndarray, np.ndarray, int]:
-    """A and b of Eq. 13 from per-sample Grams (N, T, T) and each sample's task index (N,)."""
+def objective(grams: np.ndarray, tasks: np.ndarray, balance: bool,
+              cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """A and b of Eq. 13 from per-sample Grams (N, T, T) and each sample's task index (N,).
+    `cross` (N, T): per-sample products <Δf_j(x), e(x)> with another target e (slta.trajectory) in
+    place of the paper's <Δf_j(x), Δf_a(x)> = G_x[j, a] in b; A and the denominators are unchanged."""
     grams = np.asarray(grams, dtype=np.float64)
-    T = grams.shape[1]
+    N, T = grams.shape[0], grams.shape[1]
+    rhs = grams[np.arange(N), :, tasks] if cross is None else np.asarray(cross, dtype=np.float64)  # (N, T)
     skipped = 0
     if balance:
         denom = np.einsum("nii->n", grams) / T  # (1/T) sum_t ||Δf_t(x)||^2 (Eq. 33)
         ok = denom > 0
         skipped = int((~ok).sum())
-        grams = np.where(ok[:, None, None], grams / np.where(ok, denom, 1.0)[:, None, None], 0.0)
-    B = np.zeros((T, T, T))
+        safe = np.where(ok, denom, 1.0)
+        grams = np.where(ok[:, None, None], grams / safe[:, None, None], 0.0)
+        rhs = np.where(ok[:, None], rhs / safe[:, None], 0.0)
+    A, b = np.zeros((T, T)), np.zeros(T)
     for a in range(T):
         sel = tasks == a
         if sel.any():
-            B[a] = grams[sel].mean(axis=0)
-    A = B.sum(axis=0)
-    b = np.array([sum(B[t, j, t] for t in range(T)) for j in range(T)])
+            A += grams[sel].mean(axis=0)
+            b += rhs[sel].mean(axis=0)
     return A, b, skipped
 
 
@@ -98,11 +112,12 @@ def solve_system(A: np.ndarray, b: np.ndarray, rcond: float = DEFAULT_RCOND) -> 
 
 
 def solve_module(grams: np.ndarray, tasks: np.ndarray, balance: bool = True, models: list[int] | None = None,
-                 rcond: float = DEFAULT_RCOND) -> Solution:
+                 rcond: float = DEFAULT_RCOND, cross: np.ndarray | None = None) -> Solution:
     """α of one module from its per-sample Grams (N, T, T) and each sample's task: Eq. 12-14, or
-    balanced Eq. 33-34; `models` solves for a subset of the fine-tunes (see `restrict`)."""
-    g, t = restrict(np.asarray(grams), np.asarray(tasks), models)
-    A, b, skipped = objective(g, t, balance)
+    balanced Eq. 33-34; `models` solves for a subset of the fine-tunes (see `restrict`); `cross`: another
+    target's products (see `objective`)."""
+    g, t, c = restrict(np.asarray(grams), np.asarray(tasks), models, cross)
+    A, b, skipped = objective(g, t, balance, c)
     alpha, rule, rank, cond = solve_system(A, b, rcond)
     if not np.all(np.isfinite(alpha)):  # cannot happen with finite Grams; guard the promise anyway
         raise FloatingPointError(f"non-finite α {alpha} (A={A}, b={b})")

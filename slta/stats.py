@@ -75,7 +75,7 @@ def check_solvable(meta: dict[str, Any], stats: str | Path) -> None:
     merge with its own α (another subset or balance changes them), and `refine` moves α off the Grams'
     closed form: both need a forward pass (`slta merge`)."""
     params = (meta.get("config") or {}).get("parameters") or {}
-    needs = [f"{k}: {params[k]}" for k, paper in (("inputs", "base"), ("refine", 0))
+    needs = [f"{k}: {params[k]}" for k, paper in (("inputs", "base"), ("refine", 0), ("targets", "module"))
              if params.get(k, paper) != paper]
     if needs:
         raise MergeError(f"statistics {stats}: measured with {' and '.join(needs)}, which needs a forward pass: "
@@ -134,7 +134,8 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
     ins = open_inputs(cfg)
     plan = build_plan(ins.hf_config, ins.base.names(), meta["granularity"])
     bal = cfg.param("balance")
-    sols = {name: solve_module(g, tasks, bal, models=models) for name, g in grams.items()}
+    scale = float(cfg.param("scale"))  # the merge's `scale`, applied after the solve as in slta.closed_form
+    sols = {name: solve_module(g, tasks, bal, models=models).scaled(scale) for name, g in grams.items()}
     alphas = {k: s.alpha for k, s in sols.items()}
     with atomic_output(out, overwrite, inputs=stats_inputs, needed=output_bytes(ins, plan)) as tmp:
         writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
@@ -146,7 +147,7 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
             writer.abort()
             raise
         report = {"method": "slta", "granularity": plan.granularity, "balance": bal, "tokens": cfg.param("tokens"),
-                  "num_samples": meta["num_samples"], "seed": meta["seed"], "solved_from": str(Path(stats)),
+                  "scale": cfg.param("scale"), "num_samples": meta["num_samples"], "seed": meta["seed"], "solved_from": str(Path(stats)),
                   "models_subset": models,
                   **({"sample_subset": {"num_samples": num_samples, "seed": sample_seed, "rows": subset.tolist()}}
                      if subset is not None else {}),

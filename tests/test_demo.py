@@ -122,7 +122,7 @@ def test_variants_rows_and_the_choice_on_validation(tmp_path):
     """`--variants` adds a row per slta variant and level, RegMean++ among the baselines, and picks
     the slta row with the best validation score on the triple (the paper's rows compete as `|paper`)."""
     from slta.demo_table import level_name
-    from slta.demo_variants import VARIANT_LEVELS, VARIANTS, chosen_by_validation
+    from slta.demo_variants import SCALED, SCALES, VARIANT_LEVELS, VARIANTS, chosen_by_validation
 
     zoo, out = tmp_path / "zoo", tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "chat", "--zoo", str(zoo),
@@ -139,12 +139,22 @@ def test_variants_rows_and_the_choice_on_validation(tmp_path):
             runs = results["slta"][key]
             assert set(runs) == {"+".join(c) for c in COMBOS} and "val" in runs["math+code+translate"][0]
             assert (level_name(key) in names) == (variant != "paper")
+        for variant in SCALED:  # the scale fallback: one run per combination, its scale chosen on validation
+            runs = results["slta"][f"{level}|{variant}×scale"]
+            assert set(runs) == {"+".join(c) for c in COMBOS}
+            assert all(len(r) == 1 and r[0]["scale"] in SCALES and "val" in r[0] for r in runs.values())
+            if variant == "paper":  # scale 1.0 is the variant's own run: its validation can't beat the choice
+                unscaled = results["slta"][f"{level}|paper"]["math+code+translate"][0]["val"]
+                assert np.mean(list(runs["math+code+translate"][0]["val"].values())) >= np.mean(list(unscaled.values()))
     study = json.loads((out / "report" / "results.json").read_text())
     chosen = study["kinds"]["chat"]["chosen_on_validation"][0]
-    best_val = max(100 * np.mean(list(r[0]["val"].values())) for k, r in
-                   ((k, v["math+code+translate"]) for k, v in results["slta"].items()) if "val" in r[0])
+    triple_runs = {k: v["math+code+translate"][0] for k, v in results["slta"].items()
+                   if "val" in v["math+code+translate"][0]}
+    best_val = max(100 * np.mean(list(r["val"].values())) for k, r in triple_runs.items() if not k.endswith("×scale"))
     assert chosen == chosen_by_validation(results) and math.isclose(chosen["val"], best_val)
-    assert "chosen on the validation split" in proc.stdout
+    assert not chosen["row"].endswith("×scale")
+    assert study["kinds"]["chat"]["chosen_with_scale"][0] == chosen_by_validation(results, searched=True)
+    assert "chosen on the validation split" in proc.stdout and "with the scale search" in proc.stdout
 
 
 def test_choice_on_validation_takes_the_best_validation_row_not_the_best_test_row():
@@ -158,3 +168,7 @@ def test_choice_on_validation_takes_the_best_validation_row_not_the_best_test_ro
                         "layer|response": {"math+code": run(0.40, 0.35)},
                         "attn_mlp|response": {"math+code": run(0.30, 0.60)}}}
     assert chosen_by_validation(results, "math+code") == {"row": "layer|response", "val": 40.0, "test": 35.0}
+    results["slta"]["layer|response×scale"] = {"math+code": run(0.50, 0.20)}  # a one-parameter search: apart
+    assert chosen_by_validation(results, "math+code")["row"] == "layer|response"
+    assert chosen_by_validation(results, "math+code", searched=True) == {"row": "layer|response×scale",
+                                                                          "val": 50.0, "test": 20.0}

@@ -9,56 +9,17 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
-from tiny import make_data, make_family, write_config
+from tiny import calibration_samples, make_data, make_family, module_inputs, module_out, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.merge import run_merge
 
 torch.set_num_threads(1)
 N = 5
-
-
-def samples(tok, data):
-    out = []
-    for t, path in enumerate(data):
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        for i in sorted(random.Random(0).sample(range(len(rows)), N)):
-            r = rows[i]
-            out.append((t, torch.tensor([tok(r["text"] if "text" in r else r["prompt"] + r["response"])["input_ids"]])))
-    return out
-
-
-def module_inputs(base, ids):
-    """{layer i: (input, kwargs), ("mid", i): attention residual} in the base model for one sample."""
-    cap = {}
-    hooks = []
-    for i, lay in enumerate(base.model.layers):
-        hooks.append(lay.register_forward_pre_hook(
-            lambda m, a, kw, i=i: cap.__setitem__(i, (a[0] if a else kw["hidden_states"], {
-                k: v for k, v in kw.items() if k in ("attention_mask", "position_embeddings", "position_ids")})),
-            with_kwargs=True))
-        hooks.append(lay.post_attention_layernorm.register_forward_pre_hook(
-            lambda m, a, i=i: cap.__setitem__(("mid", i), a[0])))
-    with torch.no_grad():
-        base(ids)
-    for h in hooks:
-        h.remove()
-    return cap
-
-
-def module_out(lay, kind, cap, i):
-    if kind == "layer":
-        h, kw = cap[i]
-        return lay(h, **kw)
-    if kind == "attn":
-        h, kw = cap[i]
-        return lay.self_attn(lay.input_layernorm(h), **kw)[0]
-    return lay.mlp(lay.post_attention_layernorm(cap[("mid", i)]))
 
 
 def eq10(models, smp, caps, name, alpha, balance, T):
@@ -93,7 +54,7 @@ def test_refine_lowers_eq10_on_every_module(tmp_path, granularity, balance):
     layer_modules = [m for m in rep["modules"] if m.startswith("layers.")]
     assert set(refined) == set(layer_modules) and len(layer_modules) == (4 if granularity == "attn_mlp" else 2)
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in [base, *tuned]]
-    smp = samples(AutoTokenizer.from_pretrained(base), data)
+    smp = calibration_samples(AutoTokenizer.from_pretrained(base), data, N)
     caps = [module_inputs(models[0], ids) for _, ids in smp]
     for name, info in refined.items():
         closed, alpha = np.array(info["alpha_closed_form"]), np.array(rep["modules"][name]["alpha"])

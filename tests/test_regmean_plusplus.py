@@ -7,28 +7,17 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import make_data, make_family, write_config
+from tiny import calibration_samples, make_data, make_family, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.merge import run_merge
 
 torch.set_num_threads(1)
 N, ALPHA = 5, 0.9
-
-
-def samples(tok, data):
-    out = []
-    for t, path in enumerate(data):
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        for i in sorted(random.Random(0).sample(range(len(rows)), N)):
-            r = rows[i]
-            out.append((t, torch.tensor([tok(r["text"] if "text" in r else r["prompt"] + r["response"])["input_ids"]])))
-    return out
 
 
 def entering(model, ids, module):
@@ -93,7 +82,7 @@ def test_regmean_plusplus_equals_direct_implementation(tmp_path, arch):
     out = run_merge(cfg, tmp_path / "out", progress=False)
     assert "regmean_plusplus" in json.loads((out / "slta_report.json").read_text())
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in [base, *tuned]]
-    ref = reference(models, samples(AutoTokenizer.from_pretrained(base), data), T)
+    ref = reference(models, calibration_samples(AutoTokenizer.from_pretrained(base), data, N), T)
     got = load_file(out / "model.safetensors")
     assert set(got) <= set(ref)
     for n, w in got.items():

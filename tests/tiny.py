@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 CHARS = list(string.ascii_lowercase + string.digits + " .,+-=?:")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -111,3 +118,49 @@ def write_config(path: Path, base: Path, tuned: list[Path], data: list[Path] | N
            "parameters": params, "dtype": "float32"}
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def calibration_samples(tok, data: list[Path], n: int, seed: int = 0) -> list[tuple[int, torch.Tensor]]:
+    """(task, ids) for n samples per task file drawn like the loaders' sampler, whole text (prompt +
+    response), for the tests' hook-based references."""
+    out = []
+    for t, path in enumerate(data):
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        for i in sorted(random.Random(seed).sample(range(len(rows)), n)):
+            r = rows[i]
+            text = r["text"] if "text" in r else r["prompt"] + r["response"]
+            out.append((t, torch.tensor([tok(text)["input_ids"]])))
+    return out
+
+
+def module_inputs(base, ids):
+    """{layer i: (input, kwargs), ("mid", i): attention residual, ("out", i): output} of each decoder
+    layer when `base` runs on one sample, captured with hooks."""
+    cap = {}
+    hooks = []
+    for i, lay in enumerate(base.model.layers):
+        hooks.append(lay.register_forward_pre_hook(
+            lambda m, a, kw, i=i: cap.__setitem__(i, (a[0] if a else kw["hidden_states"], {
+                k: v for k, v in kw.items() if k in ("attention_mask", "position_embeddings", "position_ids")})),
+            with_kwargs=True))
+        hooks.append(lay.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, a, i=i: cap.__setitem__(("mid", i), a[0])))
+        hooks.append(lay.register_forward_hook(
+            lambda m, a, out, i=i: cap.__setitem__(("out", i), out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        base(ids)
+    for h in hooks:
+        h.remove()
+    return cap
+
+
+def module_out(lay, kind, cap, i):
+    """Module `kind` of decoder layer `lay` (whole layer, attention block or MLP block, residual
+    excluded for the blocks) on the inputs captured by `module_inputs`."""
+    if kind == "layer":
+        h, kw = cap[i]
+        return lay(h, **kw)
+    if kind == "attn":
+        h, kw = cap[i]
+        return lay.self_attn(lay.input_layernorm(h), **kw)[0]
+    return lay.mlp(lay.post_attention_layernorm(cap[("mid", i)]))

@@ -90,6 +90,8 @@ register(
             "inputs": "base",  # beyond the paper: merged (A.5.3, slta.progressive)
             "tokens": "all",  # beyond the paper: response, response_shifted (slta.tokens)
             "refine": 0,  # beyond the paper: Gauss-Newton steps on Eq. 10 (slta.refine)
+            "targets": "module",  # beyond the paper: trajectory, the fine-tunes' own states (slta.trajectory)
+            "scale": 1.0,  # beyond the paper: every α times this; a one-parameter search, like λ (docs/methods.md)
         },
         reference="Dai et al., Leveraging Submodule Linearity Enhances Task Arithmetic Performance in LLMs, ICLR 2025",
     )

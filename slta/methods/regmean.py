@@ -26,12 +26,15 @@ import torch
 
 from slta.methods import Method, register
 
+# RegMean and RegMean++ take the same knobs (RegMean++ only changes the inputs the Grams are taken on).
+PARAMS = {"alpha": 0.9, "num_samples": 30, "max_length": 2048, "batch_size": 8}
+
 register(
     Method(
         name="regmean",
         tensor_fn=None,
         needs_data=True,
-        method_params={"alpha": 0.9, "num_samples": 30, "max_length": 2048, "batch_size": 8},
+        method_params=dict(PARAMS),
         reference="Jin et al., Dataless Knowledge Fusion by Merging Weights of Language Models, ICLR 2023",
     )
 )
@@ -42,7 +45,7 @@ register(
         name="regmean_plusplus",
         tensor_fn=None,
         needs_data=True,
-        method_params={"alpha": 0.9, "num_samples": 30, "max_length": 2048, "batch_size": 8},
+        method_params=dict(PARAMS),
         reference="Nguyen et al., RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for "
                   "Model Merging, arXiv:2508.03121 (2025)",
     )
