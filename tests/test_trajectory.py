@@ -16,7 +16,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny import calibration_samples, make_data, make_family, module_inputs, module_out, write_config
+from tiny import (
+    calibration_samples,
+    make_data,
+    make_family,
+    module_inputs,
+    module_out,
+    write_config,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.config import ConfigError
