@@ -47,6 +47,7 @@ class SltaResult:
     sample_indices: list[list[int]]
     timings: dict[str, float] = field(default_factory=dict)
     refined: dict[str, dict[str, Any]] = field(default_factory=dict)  # refine: N, E before/after per module
+    scale_search: dict[str, Any] | None = None  # scale: auto (slta.autoscale)
 
 
 class ClosedForm(Client):
@@ -68,7 +69,8 @@ class ClosedForm(Client):
             from slta.trajectory import Targets
 
             self.targets = Targets(len(task_of), len(ins.tuned), store_device(store))
-        self.scale = float(ins.cfg.param("scale"))
+        # a number: every α times it (the one-parameter fallback); "auto": chosen after the solve (slta.autoscale)
+        self.scale = 1.0 if ins.cfg.param("scale") == "auto" else float(ins.cfg.param("scale"))
         self.refined: dict[str, dict[str, Any]] = {}
         self.sols: dict[str, Solution] = {}
         self.alphas: dict[str, np.ndarray] = {}
@@ -205,16 +207,28 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
     journal = journal or Journal(None, "")
     for name, g in journal.grams().items():  # resuming: the statistics gathered so far
         store.g[name].copy_(g.to(device))
-    client = ClosedForm(ins, plan, writer, stream, store, task_of, journal)
+    auto = cfg.param("scale") == "auto"  # α are final only after the scale search: written afterwards
+    client = ClosedForm(ins, plan, None if auto else writer, stream, store, task_of, journal)
     t_feat = time.perf_counter()
     walk(ins, plan, client, progress, show_label=True)  # a reader thread loads layer i+1 while layer i computes
     timings["features_and_solve"] = time.perf_counter() - t_feat
-    if client.model_level and writer:  # α is known only now: a second pass writes every tensor
+    search = None
+    if auto:  # a second pass: the merged model's response loss per candidate scale (slta.autoscale)
+        from slta.autoscale import search_scale
+
+        client.stream = None  # the Grams' batches are not needed any more
+        del stream
+        t_s = time.perf_counter()
+        search = search_scale(ins, plan, client.alphas, device, compute_dtype, progress)
+        client.sols = {k: s.scaled(search["chosen"]) for k, s in client.sols.items()}
+        client.alphas = {k: s.alpha for k, s in client.sols.items()}
+        timings["scale_search"] = time.perf_counter() - t_s
+    if (client.model_level or auto) and writer:  # α is known only now: another pass writes every tensor
         t_w = time.perf_counter()
         write_alphas(ins, plan, writer, client.alphas, progress, "slta: writing")
         timings["write"] = time.perf_counter() - t_w
     return SltaResult(client.sols, {k: v.cpu() for k, v in store.g.items()}, task_of, indices, timings,
-                      client.refined)
+                      client.refined, search)
 
 
 def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], store: GramStore,
@@ -263,6 +277,7 @@ def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]
                            "eigenvalues above it; A = 0 gives α = 0", "rcond": 1e-9},
         "modules": {name: sol.to_json() for name, sol in res.solutions.items()},
         **({"refine_objective": {"objective": REFINE_OBJECTIVE, "modules": res.refined}} if res.refined else {}),
+        **({"scale_search": res.scale_search} if res.scale_search else {}),
         "timings": res.timings,
     }
 

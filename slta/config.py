@@ -298,9 +298,13 @@ def _validate_variants(cfg: MergeConfig, where: str, granularity: str) -> None:
     if targets == "trajectory" and (inputs != "merged" or granularity not in ("layer", "attn_mlp") or refine):
         raise ConfigError(f"{where}: parameters.targets: trajectory needs inputs: merged and refine: 0, at "
                           f"granularity layer or attn_mlp (got inputs: {inputs}, refine: {refine}, {granularity})")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-        raise ConfigError(f"{where}: parameters.scale: expected a positive number, got {scale!r}")
-    if scale != 1 and refine:
+    if scale == "auto":
+        if inputs != "base" or refine or targets != "module":
+            raise ConfigError(f"{where}: parameters.scale: auto needs inputs: base, refine: 0 and targets: module "
+                              f"(the search scales α after the solve)")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ConfigError(f"{where}: parameters.scale: expected a positive number or auto, got {scale!r}")
+    elif scale != 1 and refine:
         raise ConfigError(f"{where}: parameters.scale: not with refine (the Gauss-Newton steps would undo it)")
 
 

@@ -25,6 +25,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "response+merged+refine2": {"tokens": "response", "inputs": "merged", "refine": 2},
     "trajectory": {"inputs": "merged", "targets": "trajectory"},
     "response+trajectory": {"tokens": "response", "inputs": "merged", "targets": "trajectory"},
+    "autoscale": {"scale": "auto"},  # training-free: the scale with the lowest calibration response loss
+    "response+autoscale": {"tokens": "response", "scale": "auto"},
 }
 VARIANT_LEVELS = ("layer", "attn_mlp")
 VARIANT_SEEDS = (0,)

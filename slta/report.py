@@ -70,7 +70,10 @@ def variant_sentence(report: dict[str, Any]) -> str:
         extra.append(f"counting only the response positions (`tokens: {report['tokens']}`)")
     if report.get("targets", "module") != "module":
         extra.append("fitting each module to the fine-tunes' own hidden states (`targets: trajectory`)")
-    if report.get("scale", 1) != 1:
+    if report.get("scale") == "auto" and report.get("scale_search"):
+        extra.append(f"with every α multiplied by {report['scale_search']['chosen']}, the scale with the lowest "
+                     f"next-token loss on the calibration responses (`scale: auto`)")
+    elif report.get("scale", 1) != 1:
         extra.append(f"with every α multiplied by {report['scale']} (`scale`)")
     if report.get("refine"):
         extra.append(f"then refined by {report['refine']} Gauss-Newton step(s) on the exact objective (Eq. 10)")

@@ -76,7 +76,7 @@ def check_solvable(meta: dict[str, Any], stats: str | Path) -> None:
     closed form: both need a forward pass (`slta merge`)."""
     params = (meta.get("config") or {}).get("parameters") or {}
     needs = [f"{k}: {params[k]}" for k, paper in (("inputs", "base"), ("refine", 0), ("targets", "module"))
-             if params.get(k, paper) != paper]
+             if params.get(k, paper) != paper] + (["scale: auto"] if params.get("scale") == "auto" else [])
     if needs:
         raise MergeError(f"statistics {stats}: measured with {' and '.join(needs)}, which needs a forward pass: "
                          f"`slta solve` cannot re-solve it from saved statistics; run `slta merge` instead")
