@@ -77,3 +77,16 @@ def test_scale_auto_is_refused_where_the_stream_would_use_other_alphas(tmp_path)
                "models": [{"model": str(tmp_path / "a"), "data": str(tmp_path / "a.jsonl")}]}
         with pytest.raises(ConfigError, match="scale: auto needs inputs: base"):
             load_config(raw)
+
+
+def test_solve_refuses_scale_auto_statistics(tmp_path):
+    from slta.inputs import MergeError
+    from slta.stats import run_solve
+
+    base, tuned = make_family(tmp_path, "llama", T=2, layers=1)
+    data = make_data(tmp_path, T=2, n=6)
+    out = run_merge(write_config(tmp_path / "c.yml", base, tuned, data, num_samples=3, scale="auto"),
+                    tmp_path / "out", progress=False)
+    with pytest.raises(MergeError, match="scale: auto, which needs a forward pass"):
+        run_solve(out, tmp_path / "solved", progress=False)
+    assert not (tmp_path / "solved").exists()
