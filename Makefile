@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 	@touch "$@"
 
 test: setup
-	PYTHON=$(SYSTEM_PY) bash tests/setup_mergekit.sh   # mergekit 0.1.5 in .venv-mergekit: the parity tests' peer
-	PYTHON=$(SYSTEM_PY) bash tests/setup_lmeval.sh     # lm-eval in .venv-lmeval: runs examples/lm_eval/
+	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh mergekit   # mergekit 0.1.5 in .venv-mergekit: the parity tests' peer
+	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh lmeval     # lm-eval in .venv-lmeval: runs examples/lm_eval/
 	"$(PY)" -m pytest
 
 demo: setup

@@ -6,7 +6,7 @@ every method as a child process, measuring wall time and peak RSS (wait4), side 
 
   io_floor_raw          read the T+1 input files front to back, write one (benchmarks/io_floor.py)
   io_floor_safetensors  the same through safetensors, tensor by tensor (a merge with no arithmetic)
-  mergekit_*            mergekit 0.1.5's `mergekit-yaml` (own venv, tests/setup_mergekit.sh)
+  mergekit_*            mergekit 0.1.5's `mergekit-yaml` (own venv, tests/setup_peer.sh mergekit)
   slta_task_arithmetic, slta_ties, slta_layer, slta_attn_mlp   `python -m slta.cli merge`
 
 The compute floor of the closed form is the FLOPs it cannot avoid (every task's calibration tokens
@@ -285,7 +285,7 @@ def main() -> None:
     ap.add_argument("--clean", action="store_true", help="delete the checkpoints at the end")
     args = ap.parse_args()
     if any(m.startswith("mergekit") for m in args.methods.split(",")) and not MERGEKIT.exists() and not args.scaling:
-        subprocess.run(["bash", str(ROOT / "tests" / "setup_mergekit.sh")], check=True)
+        subprocess.run(["bash", str(ROOT / "tests" / "setup_peer.sh"), "mergekit"], check=True)
     scaling(args) if args.scaling else speed(args)
 
 

@@ -15,7 +15,6 @@ Works on any Hugging Face causal LM folder that has a tokenizer, or on a loaded 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -93,9 +92,6 @@ def resolve_task_files(specs: list[str | Path] | str | Path, split: str = "test"
     return files
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
 def local_model_folder(model: str | Path) -> Path:
     """The local folder of ``model``, checked before transformers would retry the hub for ~50 s: a
     folder with config.json, or a hub id (org/name) already in the Hugging Face cache."""
@@ -106,10 +102,13 @@ def local_model_folder(model: str | Path) -> Path:
         return p
     if p.exists():
         raise ValueError(f"model {p} is a file; give the Hugging Face model folder that holds it")
-    if _HUB_ID.fullmatch(str(model)):
+    from slta.hub import parse_hub_id  # the one definition of a hub id, org/name[@revision]
+
+    parsed = parse_hub_id(str(model))
+    if parsed:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(str(model), "config.json")
+        cached = try_to_load_from_cache(parsed[0], "config.json", revision=parsed[1])
         if isinstance(cached, str):
             return Path(cached).parent
         raise FileNotFoundError(f"model {model}: no such local folder, and as a Hugging Face hub id it is not in "

@@ -1,6 +1,6 @@
 """mergekit as a test peer: its venv, running `mergekit-yaml`, and the tiny models both tools merge.
 
-mergekit lives in its own venv (tests/setup_mergekit.sh creates it); slta never imports it.
+mergekit lives in its own venv (tests/setup_peer.sh mergekit creates it); slta never imports it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ NUM_LAYERS = 3  # three layers so gradients are also evaluated between their end
 def require_mergekit() -> Path:
     """Path of `mergekit-yaml`; FAILS (does not skip) when the venv is missing, so CI cannot pass silently."""
     if not MERGEKIT_YAML.exists():
-        pytest.fail(f"mergekit's venv is missing ({MERGEKIT_YAML} not found): run tests/setup_mergekit.sh", pytrace=False)
+        pytest.fail(f"mergekit's venv is missing ({MERGEKIT_YAML} not found): run tests/setup_peer.sh mergekit", pytrace=False)
     return MERGEKIT_YAML
 
 

@@ -1,6 +1,6 @@
 """examples/lm_eval/ under lm-evaluation-harness scores a model as `slta eval` does.
 
-lm-eval runs from its own venv (tests/setup_lmeval.sh creates it; `make test` runs that); when the venv
+lm-eval runs from its own venv (tests/setup_peer.sh lmeval creates it; `make test` runs that); when the venv
 is missing this test FAILS, telling you to run the script. One `lm_eval --model hf` run on a tiny zoo
 fine-tune, built here, covers:
 
@@ -38,7 +38,7 @@ MODEL = "code"  # the tiny zoo fine-tune that scores above 0 on its task; it ans
 
 def require_lm_eval() -> Path:
     if not LM_EVAL.exists():
-        pytest.fail(f"lm-eval's venv is missing ({LM_EVAL} not found): run tests/setup_lmeval.sh", pytrace=False)
+        pytest.fail(f"lm-eval's venv is missing ({LM_EVAL} not found): run tests/setup_peer.sh lmeval", pytrace=False)
     return LM_EVAL
 
 

@@ -10,7 +10,7 @@ equal `mergekit-yaml`'s to 1e-6 relative, tensor by tensor. Two paths are checke
 
 Where slta differs by design (DARE's seeded drop and 1/(1-p) rescale) the last test shows the difference;
 omitted parameters take mergekit's defaults (tests/test_input_defects.py checks them against mergekit). mergekit runs from its own venv; when that venv is
-missing these tests FAIL, telling you to run tests/setup_mergekit.sh.
+missing these tests FAIL, telling you to run tests/setup_peer.sh mergekit.
 """
 
 from __future__ import annotations
