@@ -54,6 +54,8 @@ VARIANTS = {
     "slta_attn_mlp_merged": ("slta", {"granularity": "attn_mlp", "inputs": "merged"}),
     "slta_attn_mlp_refine2": ("slta", {"granularity": "attn_mlp", "refine": 2}),
     "slta_attn_mlp_merged_refine2": ("slta", {"granularity": "attn_mlp", "inputs": "merged", "refine": 2}),
+    "slta_attn_mlp_trajectory": ("slta", {"granularity": "attn_mlp", "inputs": "merged", "targets": "trajectory"}),
+    "slta_attn_mlp_autoscale": ("slta", {"granularity": "attn_mlp", "scale": "auto"}),
     "slta_regmean": ("regmean", {}),
     "slta_regmean_plusplus": ("regmean_plusplus", {}),
 }
