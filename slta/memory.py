@@ -14,7 +14,9 @@ The estimate adds up what the streaming engine holds at once in each stage (slta
 - the calibration activations of the closed form: every batch's hidden state, and one batch's
   working set (T+1 block outputs, the MLP's intermediate activations, the attention scores, the
   float64 feature differences of the Gram); at the head, every version's normalised hidden states
-  and one block of ROW_BLOCK vocabulary rows per version.
+  and one block of ROW_BLOCK vocabulary rows per version;
+- with `scale: auto`, a second walk (slta.autoscale): one hidden state per candidate scale and batch,
+  the merged layer and one batch's working set.
 
 `calibration batch_size` and `batch_tokens` (method parameters) bound the per-batch part.
 benchmarks/bench_70b_layers.py prints the estimate beside the measured peak (issue #18).
@@ -129,6 +131,17 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
         # the engine reads layer 0 while the embedding stage (row blocks, its own reads) runs
         est.ram = {"embed": BASE_RSS + embed + G, "layers": BASE_RSS + G + ahead + max(feats, write + hidden_all),
                    "head": BASE_RSS + head}
+    if cfg.param("scale") == "auto":  # the second walk (slta.autoscale): every candidate's hidden states
+        from slta.autoscale import AUTO_SCALES
+
+        search = len(AUTO_SCALES) * hidden_all + (one * T1 if whole else one) + batch
+        est.notes.append(f"scale: auto: a second pass holds {len(AUTO_SCALES)} copies of the calibration "
+                         f"activations ({_gib(len(AUTO_SCALES) * hidden_all)} GiB)")
+        if gpu:
+            est.ram["scale search"] = BASE_RSS + G + ahead
+            est.vram["scale search"] = CUDA_CONTEXT + search
+        else:
+            est.ram["scale search"] = BASE_RSS + G + ahead + search
     return est
 
 

@@ -111,3 +111,30 @@ def test_tuned_as_stored_is_bit_identical_to_float32_fine_tunes():
         as_stored = m.tensor_fn("w", base.float(), tuned, [params] * 3, {}, 0)
         as_f32 = m.tensor_fn("w", base.float(), [t.float() for t in tuned], [params] * 3, {}, 0)
         assert as_stored.dtype == torch.float32 and torch.equal(as_stored, as_f32), name
+
+
+def test_estimate_counts_the_scale_search_of_scale_auto(tmp_path):
+    """`scale: auto` adds a stage: one hidden state per candidate scale (slta.autoscale), so it grows
+    with the calibration data like the layer stage, and without it there is no such stage."""
+    from slta.architecture import build_plan
+    from slta.autoscale import AUTO_SCALES
+    from slta.calibration import calibration
+    from slta.config import load_config
+    from slta.inputs import open_inputs
+    from slta.memory import estimate
+
+    base, tuned = make_family(tmp_path, T=2, layers=2, hidden=64, heads=4, kv_heads=2)
+    data = make_data(tmp_path, T=2, n=16)
+    stages = {}
+    for n in (4, 16):
+        for scale in (1.0, "auto"):
+            cfg = load_config(write_config(tmp_path / "m.yml", base, tuned, data, num_samples=n, scale=scale))
+            ins = open_inputs(cfg, check_weights=False)
+            plan = build_plan(ins.hf_config, ins.base.names(), "attn_mlp")
+            est = estimate(ins, plan, torch.device("cpu"), calibration(ins)[0])
+            stages[n, scale] = est.ram
+            assert (f"{len(AUTO_SCALES)} copies of the calibration activations" in " ".join(est.notes)) == \
+                (scale == "auto")
+    assert "scale search" not in stages[16, 1.0] and "scale search" in stages[16, "auto"]
+    assert stages[16, "auto"]["scale search"] > stages[4, "auto"]["scale search"]
+    assert {k: v for k, v in stages[16, "auto"].items() if k != "scale search"} == stages[16, 1.0]
