@@ -36,7 +36,7 @@ from slta.demo_table import (
     table_rows,
     write_summary,
 )
-from slta.demo_zoos import KINDS, build_zoos, kind_size
+from slta.demo_zoos import KINDS, build_zoos, in_processes, job_count, kind_size
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
 DATA_METHODS = ("slta", "regmean", "regmean_plusplus")  # merges that read calibration data
@@ -246,7 +246,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
     zoo/SIZE; the chat kind of a default-size demo is built at `small`, in ``chat-small-seedN/``,
-    see slta.demo_zoos). The zoos are built first, ``jobs`` at a time (default: one per core). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
+    see slta.demo_zoos). The zoos are built first, then merged and evaluated, ``jobs`` at a time (default:
+    one per core). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
     per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
     ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
@@ -284,15 +285,21 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     t = time.perf_counter()
     zoos = build_zoos(root, size, kinds, zoo_seeds, zoo_overrides, threads, progress, jobs)
     study["timings_s"]["zoos"] = time.perf_counter() - t
+    # every zoo's merges and evaluations, `jobs` zoos at a time (each one process, `threads` threads)
+    todo = [(kind, zs) for kind in kinds for zs in zoo_seeds]
+    n_jobs = job_count(jobs, threads, len(todo))
+    for kind, zs in todo:
+        print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {zoos[kind, zs][0]}", flush=True)
+    done = dict(zip(todo, in_processes(_one_zoo, [(
+        zoos[(k, zs)][0], out / f"{k}-seed{zs}", kind_size(k, size), device, seeds, progress and n_jobs == 1,
+        set(methods) if methods is not None else None, triple_only, ablations, variants, threads) for k, zs in todo],
+        n_jobs)))
     for kind in kinds:
         per_zoo = []
         for zs in zoo_seeds:
-            path, zoo_s = zoos[(kind, zs)]
-            print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {path} ...", flush=True)
-            res = demo_one_zoo(path, out / f"{kind}-seed{zs}", kind_size(kind, size), device, seeds, progress,
-                               set(methods) if methods is not None else None, triple_only, ablations, variants)
+            res = done[(kind, zs)]
             res.update(kind=kind, zoo_seed=zs, report=str(out / f"{kind}-seed{zs}" / "report"))
-            res["timings_s"]["zoo"] = zoo_s
+            res["timings_s"]["zoo"] = zoos[(kind, zs)][1]
             per_zoo.append(res)
         rows = multi_zoo_rows(per_zoo)
         study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo), "ablations": ablation_summary(per_zoo),
@@ -313,6 +320,16 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     write_summary(study, out / "report")
     print(f"\nreport written to {out / 'report'} ({study['timings_s']['total']:.0f}s)")
     return study
+
+
+def _one_zoo(*args: Any) -> dict[str, Any]:
+    """`demo_one_zoo` in a worker process: torch's threads and transformers' bars set there too."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(max(1, args[-1]))
+    return demo_one_zoo(*args[:-1])
 
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
@@ -360,7 +377,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zoo-kind", default="both", choices=(*KINDS, "both"),
                    help="hard: a prompt format per task, fine-tunes trained to a target loss; chat: one chat template, "
                         "fixed epochs, the paper's recipe (built at the small size in a default-size demo); default both")
-    p.add_argument("--jobs", type=int, help="zoos built in parallel processes (default: one per core)")
+    p.add_argument("--jobs", type=int, help="zoos built, then evaluated, in parallel processes (default: one per core)")
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
                         "weight_average,task_arithmetic to calibrate a zoo on baselines only")

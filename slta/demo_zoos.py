@@ -54,6 +54,20 @@ def _build_group(jobs: list[dict[str, Any]], progress: bool) -> list[float]:
     return times
 
 
+def job_count(jobs: int | None, threads: int, tasks: int) -> int:
+    """Parallel processes: `jobs`, or one per core (cores / threads per process), at most one per task."""
+    return max(1, min(jobs or (os.cpu_count() or 1) // max(1, threads), tasks))
+
+
+def in_processes(fn: Any, calls: list[tuple], jobs: int) -> list[Any]:
+    """fn(*args) for every args of `calls`, in order; in `jobs` spawned processes, or inline for one."""
+    if jobs == 1:
+        return [fn(*args) for args in calls]
+    # spawn, not fork: a forked child would inherit torch's thread pools and the parent's state.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [f.result() for f in [pool.submit(fn, *args) for args in calls]]
+
+
 def build_zoos(root: Path, size: str, kinds: tuple[str, ...], seeds: list[int] | tuple[int, ...],
                overrides: dict[str, Any] | None, threads: int, progress: bool, jobs: int | None = None
                ) -> dict[tuple[str, int], tuple[Path, float]]:
@@ -75,7 +89,7 @@ def build_zoos(root: Path, size: str, kinds: tuple[str, ...], seeds: list[int] |
     for group in groups.values():
         group.sort(key=lambda j: KINDS.index(j["kind"]))
     todo = list(groups.values())
-    jobs = max(1, min(jobs or (os.cpu_count() or 1) // max(1, threads), len(todo)))
+    jobs = job_count(jobs, threads, len(todo))
     names = lambda g: ", ".join(j["path"].name for j in g)
     done: dict[tuple[str, int], tuple[Path, float]] = {}
     if jobs == 1:
