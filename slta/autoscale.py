@@ -95,27 +95,33 @@ class ScaleSearch(Client):
         norm_versions = [ck.get("model.norm.weight") for ck in ins.all]
         norm_mod = runner.model.model.norm
         vocab = ins.base.shapes[weight][0]
+        batches = self.stream.batches
+        xs = []  # [scale][batch]: the final norm (merged with that scale's α) of the hidden state
         for j, al in enumerate(self.alphas):
             norm = combine("model.norm.weight", norm_versions[0], norm_versions[1:], parts["model.norm.weight"], al)
-            xs = [functional_call(norm_mod, {"weight": norm.to(dev, dt)}, (self.hs[id(b)][j],))
-                  for b in self.stream.batches]
-            lse = [torch.full(x.shape[:2], -torch.inf, device=dev, dtype=torch.float64) for x in xs]
-            # logits stay in the compute dtype (one block: tokens x ROW_BLOCK); the running sums are float64
-            picked = [torch.zeros(x.shape[:2], device=dev, dtype=torch.float64) for x in xs]
-            for lo in range(0, vocab, ROW_BLOCK):
-                hi = min(vocab, lo + ROW_BLOCK)
-                blocks = [ck.get_rows(weight, lo, hi) for ck in ins.all]
+            xs.append([functional_call(norm_mod, {"weight": norm.to(dev, dt)}, (self.hs[id(b)][j],)) for b in batches])
+        nxt = []  # position p predicts token p+1
+        for b in batches:
+            n = torch.zeros_like(b.ids)
+            n[:, :-1] = b.ids[:, 1:]
+            nxt.append(n)
+        lse = [[torch.full(b.ids.shape, -torch.inf, device=dev, dtype=torch.float64) for b in batches] for _ in xs]
+        picked = [[torch.zeros(b.ids.shape, device=dev, dtype=torch.float64) for b in batches] for _ in xs]
+        for lo in range(0, vocab, ROW_BLOCK):  # each block read once, merged once per scale
+            hi = min(vocab, lo + ROW_BLOCK)
+            blocks = [ck.get_rows(weight, lo, hi) for ck in ins.all]
+            for j, al in enumerate(self.alphas):
                 w = combine(weight, blocks[0], blocks[1:], parts[weight], al, (lo, hi)).to(dev, dt)
-                for k, (b, x) in enumerate(zip(self.stream.batches, xs)):
+                for k, x in enumerate(xs[j]):
+                    # logits stay in the compute dtype (one block: tokens x ROW_BLOCK); the running sums are float64
                     logits = x @ w.T  # (b, s, rows)
-                    lse[k] = torch.logaddexp(lse[k], logits.logsumexp(-1).double())
-                    nxt = torch.zeros_like(b.ids)
-                    nxt[:, :-1] = b.ids[:, 1:]  # position p predicts token p+1
-                    inside = (nxt >= lo) & (nxt < hi)
-                    got = logits.gather(-1, (nxt - lo).clamp(0, hi - lo - 1)[..., None])[..., 0]
-                    picked[k] += torch.where(inside, got.double(), 0.0)
-            for k, b in enumerate(self.stream.batches):
-                self._add(j, b, lse[k] - picked[k])
+                    lse[j][k] = torch.logaddexp(lse[j][k], logits.logsumexp(-1).double())
+                    inside = (nxt[k] >= lo) & (nxt[k] < hi)
+                    got = logits.gather(-1, (nxt[k] - lo).clamp(0, hi - lo - 1)[..., None])[..., 0]
+                    picked[j][k] += torch.where(inside, got.double(), 0.0)
+        for j in range(len(self.alphas)):
+            for k, b in enumerate(batches):
+                self._add(j, b, lse[j][k] - picked[j][k])
 
     def _add(self, j: int, b: Batch, nll: torch.Tensor) -> None:
         """Sum -log p over the positions whose *next* token is a response token."""

@@ -68,7 +68,7 @@ class ClosedForm(Client):
         if ins.cfg.param("targets") == "trajectory":
             from slta.trajectory import Targets
 
-            self.targets = Targets(len(task_of), len(ins.tuned), store_device(store))
+            self.targets = Targets(len(task_of), len(ins.tuned))
         # a number: every α times it (the one-parameter fallback); "auto": chosen after the solve (slta.autoscale)
         self.scale = 1.0 if ins.cfg.param("scale") == "auto" else float(ins.cfg.param("scale"))
         self.refined: dict[str, dict[str, Any]] = {}
@@ -181,10 +181,6 @@ class ClosedForm(Client):
         if self.writer and not self.model_level:
             write_alpha_tensors(self.ins, self.plan, self.writer, self.alphas,
                                 ([self.plan.tensor_order[0]] if tied else []) + names)
-
-
-def store_device(store: GramStore) -> torch.device:
-    return next(iter(store.g.values())).device
 
 
 def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, device: torch.device,

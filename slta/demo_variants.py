@@ -88,8 +88,8 @@ def run_scaled(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
             for combo in demo.combos:
                 bar.set_postfix_str(f"slta {level} {name} scale {'+'.join(combo)}")
                 best = None
+                params = {"granularity": level, "num_samples": 30, "seed": 0, **VARIANTS[name]}
                 for s in SCALES:
-                    params = {"granularity": level, "num_samples": 30, "seed": 0, **VARIANTS[name]}
                     cfg = demo.merge_config("slta", combo, {**params, **({"scale": s} if s != 1.0 else {})})
                     val = float(np.mean(list(scores(demo, cfg, combo, ("val",))["val"].values())))
                     if best is None or val > best[0]:

@@ -45,14 +45,14 @@ class Targets:
     """Per-module, per-sample products c_x[j] = <Δf_j(x), e_a(x)> (N, T), float64: the b of Eq. 13
     toward fine-tune a's own hidden states (module docstring)."""
 
-    def __init__(self, num_samples: int, T: int, device: torch.device):
-        self.N, self.T, self.device = num_samples, T, device
+    def __init__(self, num_samples: int, T: int):
+        self.N, self.T = num_samples, T
         self.c: dict[str, torch.Tensor] = {}
 
     def add(self, module: str, feats: list[torch.Tensor], target: torch.Tensor, batch: Batch) -> None:
         """Accumulate <f_j - f_0, target - f_0> over the counted positions, for T+1 feature tensors
         (version 0 = base) and the target in the same coordinates, each (b, s, ...)."""
-        c = self.c.setdefault(module, torch.zeros(self.N, self.T, dtype=torch.float64, device=self.device))
+        c = self.c.setdefault(module, torch.zeros(self.N, self.T, dtype=torch.float64, device=target.device))
         mask = batch.counted[:, :, None].double()
         b, s = mask.shape[0], mask.shape[1]
         f0 = feats[0].reshape(b, s, -1).double()
