@@ -36,7 +36,7 @@ from slta.demo_table import (
     table_rows,
     write_summary,
 )
-from slta.demo_zoos import KINDS, build_zoos, in_processes, job_count, kind_size
+from slta.demo_zoos import KINDS, build_zoos, generation_budget, in_processes, job_count, kind_size
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
 DATA_METHODS = ("slta", "regmean", "regmean_plusplus")  # merges that read calibration data
@@ -75,28 +75,6 @@ def _grids(size: str) -> dict[str, list[dict[str, Any]]]:
         "consensus_ta": [{"k": 2, "tall_lambda": tl, "weight": w} for tl in (0.2, 0.4, 0.6) for w in (0.4, 0.7, 1.0)],
         "regmean": [{"alpha": a} for a in (0.5, 0.9, 1.0)],
     }
-
-
-
-def generation_budget(zoo: Path) -> dict[str, int]:
-    """Per task, how many tokens a correct completion can need: the longest calibration
-    response (training format, with its chain of thought) plus </s> and a 25% + 8 margin. A merged
-    model that rambles is cut there instead of at 64 tokens; its answer would be wrong anyway."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(zoo / "base")
-    budget = {}
-    for t in TASKS:
-        # calibration rows are {"prompt", "response"} (hard kind) or {"messages"} (chat kind)
-        responses = [r["response"] if "response" in r else " " + r["messages"][-1]["content"]
-                     for r in _read_rows(zoo / "data" / t / "calib.jsonl")]
-        longest = max(len(ids) for ids in tok(responses, add_special_tokens=False).input_ids)
-        budget[t] = int(1.25 * longest) + 8
-    return budget
-
-
-def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 class Demo:
@@ -143,10 +121,11 @@ class Demo:
                            if method in DATA_METHODS else {"model": str(self.zoo / t)} for t in tasks],
                 "parameters": params, "dtype": "float32"}
 
-    def merged_scores(self, cfg: dict[str, Any], tasks: tuple[str, ...], split: str) -> dict[str, float]:
+    def merged_scores(self, cfg: dict[str, Any], tasks: tuple[str, ...], split: str,
+                      tag: dict[str, Any] | None = None) -> dict[str, float]:
         from slta.merge import run_merge
 
-        key = self.key({"config": cfg, "limit": self.val_limit if split == "val" else None})
+        key = self.key({"config": cfg, "limit": self.val_limit if split == "val" else None, **(tag or {})})
         path = self.cache / f"eval-{key}-{split}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -166,26 +145,28 @@ class Demo:
     def baselines(self, bar) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
         for method, grid in baseline_grids(self.size, self.variants).items():
-            if self.methods is not None and method not in self.methods:
-                continue
-            for combo in self.combos:
-                best, best_params = -1.0, None
-                for params in grid:  # grid search on the validation split (A.3.4)
-                    bar.set_postfix_str(f"{method} {'+'.join(combo)} {params}")
-                    if len(grid) == 1:  # nothing to choose: no validation run
-                        best, best_params = None, params
-                        bar.update()
-                        break
-                    cfg = self.merge_config(method, combo, {**params, "num_samples": 30} if method in DATA_METHODS else params)
-                    val = np.mean(list(self.merged_scores(cfg, combo, "val").values()))
-                    if val > best:
-                        best, best_params = val, params
-                    bar.update()
-                cfg = self.merge_config(method, combo, {**best_params, "num_samples": 30} if method in DATA_METHODS else best_params)
-                test = self.merged_scores(cfg, combo, "test")
-                results.setdefault(method, {})["+".join(combo)] = {"params": best_params, "val_avg": best,
-                                                                   "test": test}
+            if self.methods is None or method in self.methods:
+                for combo in self.combos:
+                    results.setdefault(method, {})["+".join(combo)] = self.tuned(method, combo, grid, bar)
         return results
+
+    def tuned(self, method: str, combo: tuple[str, ...], grid: list[dict[str, Any]], bar=None,
+              tag: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Grid search on the validation split (A.3.4), then the test split at the chosen point."""
+        best, best_params = -1.0, None
+        for params in grid:
+            if bar is not None:
+                bar.set_postfix_str(f"{method} {'+'.join(combo)} {params}")
+                bar.update()
+            if len(grid) == 1:  # nothing to choose: no validation run
+                best, best_params = None, params
+                break
+            cfg = self.merge_config(method, combo, {**params, "num_samples": 30} if method in DATA_METHODS else params)
+            val = np.mean(list(self.merged_scores(cfg, combo, "val", tag).values()))
+            if val > best:
+                best, best_params = val, params
+        cfg = self.merge_config(method, combo, {**best_params, "num_samples": 30} if method in DATA_METHODS else best_params)
+        return {"params": best_params, "val_avg": best, "test": self.merged_scores(cfg, combo, "test", tag)}
 
     def slta(self, bar) -> dict[str, dict[str, Any]]:
         """Per level and seed: one forward pass on the triple, every pair re-solved from its statistics."""
@@ -260,6 +241,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from slta.demo_models import models_summary
     from slta.demo_studies import ablation_summary
     from slta.demo_variants import chosen_by_validation
     from slta.zoo.build import recipe_for
@@ -303,6 +285,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
             per_zoo.append(res)
         rows = multi_zoo_rows(per_zoo)
         study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo), "ablations": ablation_summary(per_zoo),
+                                "models": models_summary(per_zoo),
                                 "zoos": [{"zoo_seed": r["zoo_seed"], "zoo": r["zoo"], "report": r["report"],
                                           "zoo_recipe_hash": r["zoo_recipe_hash"]} for r in per_zoo]}
         print(f"\n== {kind} kind, zoo seeds {', '.join(map(str, zoo_seeds))} ==")
@@ -336,8 +319,12 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
                  methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
                  variants: bool = False) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
-    `ablations`: also the calibration-sample-count study (slta.demo_studies, paper Table 11).
+    `ablations`: also the calibration-sample-count study (slta.demo_studies, paper Table 11) and, on a
+    chat zoo, the number of models merged (slta.demo_models, paper Table 10).
     `variants`: also slta's options beyond the paper and RegMean++ (slta.demo_variants)."""
+    from torch import get_num_threads
+
+    from slta.demo_models import model_ablation
     from slta.demo_studies import sample_ablation, validated_lambda
     from slta.demo_variants import n_variant_steps, run_variants
 
@@ -358,6 +345,8 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
             ours.update(run_variants(demo, bar))
         bar.set_postfix_str("ablations" if ablations else "")
         studies = {"samples": sample_ablation(demo)} if ablations and (methods is None or "slta" in methods) else {}
+        if studies and json.loads((zoo / "zoo.json").read_text())["recipe"].get("kind") == "chat":
+            studies["models"] = model_ablation(demo, baseline_grids(size), get_num_threads())
     results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
                "baselines": base, "slta": ours, "seeds": demo.seeds,
                "timings_s": {"total": time.perf_counter() - started},
@@ -386,8 +375,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
                    help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
     p.add_argument("--ablations", action="store_true",
-                   help="also the calibration-sample-count ablation (paper Table 11: 1, 3, 10, 30, 50 per task, "
-                        "re-solved from one measurement's saved statistics)")
+                   help="also the paper's ablations from saved statistics: samples per task (Table 11: 1, 3, 10, 30, "
+                        "50) and, on the chat kind, merging 2-5 models (Table 10; adds two fine-tunes to the zoo)")
     p.add_argument("--variants", action="store_true",
                    help="also slta's options beyond the paper (tokens, inputs, refine) and RegMean++ as extra rows "
                         "(slta.demo_variants); a variant is chosen on the validation split")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from slta.demo_models import models_table
 from slta.demo_studies import ablation_table, write_diagnostics
 from slta.demo_table import (
     METHOD_NAMES,
@@ -44,7 +45,8 @@ def write_report(results: dict[str, Any], folder: Path) -> None:
     for name, scores in refs.items():
         detail.append(f"| {name} | " + " | ".join(f"{100 * scores[t]:.1f}" for t in TASKS) + " |")
     (folder / "results.md").write_text(f"# slta demo ({results['size']} zoo {results['zoo']})\n\n" + tables["markdown"]
-                                       + "\n" + "\n".join(detail) + "\n\n" + ablation_table(results))
+                                       + "\n" + "\n".join(detail) + "\n\n" + ablation_table(results)
+                                       + "\n" + models_table(results))
     write_diagnostics(results, folder)
     accuracy_bars(rows, f"slta demo ({results['size']} zoo {Path(results['zoo']).name})", folder / "accuracy.png")
     heat = folder / "slta_attn_mlp_triple_seed0" / "slta_report.json"

@@ -161,6 +161,8 @@ def summary_line(s: dict[str, Any]) -> str:
 
 def write_summary(study: dict[str, Any], folder: Path) -> None:
     """The multi-zoo report: results.json, results.md (a table per kind), accuracy_KIND.png."""
+    from slta.demo_models import models_summary_table
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(study, indent=2) + "\n")
     md = [f"# slta demo ({study['size']} zoos, zoo seeds {', '.join(map(str, study['zoo_seeds']))})", ""]
@@ -168,6 +170,7 @@ def write_summary(study: dict[str, Any], folder: Path) -> None:
         rows = [(n, [tuple(c) for c in cells]) for n, cells in k["table"]]
         md += [f"## {kind} kind", "", results_table(rows, len(k["zoos"]))["markdown"], "",
                f"Baselines in brief: {summary_line(k['summary'])}", "", ablation_summary_table(k.get("ablations")),
+               models_summary_table(k.get("models")),
                "Per-zoo reports: " + ", ".join(f"`{z['report']}`" for z in k["zoos"]), ""]
         accuracy_bars(rows, f"slta demo ({study['size']}, {kind} kind, {len(k['zoos'])} zoo seeds)",
                       folder / f"accuracy_{kind}.png")

@@ -13,6 +13,7 @@ sequential build (same seed, same thread count), only the wall time changes.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -109,3 +110,24 @@ def build_zoos(root: Path, size: str, kinds: tuple[str, ...], seeds: list[int] |
             for j, s in zip(g, times):
                 done[(j["kind"], j["seed"])] = (j["path"], s)
     return done
+
+
+def generation_budget(zoo: Path) -> dict[str, int]:
+    """Per task, how many tokens a correct completion can need: the longest calibration
+    response (training format, with its chain of thought) plus </s> and a 25% + 8 margin. A merged
+    model that rambles is cut there instead of at 64 tokens; its answer would be wrong anyway."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(zoo / "base")
+    budget = {}
+    for t in sorted(d.name for d in (zoo / "data").iterdir() if (d / "calib.jsonl").is_file()):
+        # calibration rows are {"prompt", "response"} (hard kind) or {"messages"} (chat kind)
+        responses = [r["response"] if "response" in r else " " + r["messages"][-1]["content"]
+                     for r in _read_rows(zoo / "data" / t / "calib.jsonl")]
+        longest = max(len(ids) for ids in tok(responses, add_special_tokens=False).input_ids)
+        budget[t] = int(1.25 * longest) + 8
+    return budget
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

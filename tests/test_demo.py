@@ -62,7 +62,7 @@ def tiny_zoo(tmp_path_factory):
 def test_tiny_demo_end_to_end(tmp_path, tiny_zoo):
     zoo, out = tiny_zoo, tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "both", "--zoo", str(zoo),
-                           "--out", str(out), "-q"], capture_output=True, text=True, timeout=1800)
+                           "--out", str(out), "--ablations", "-q"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = json.loads((out / "report" / "results.json").read_text())
     assert list(study["kinds"]) == ["hard", "chat"] and study["zoo_seeds"] == [0]
@@ -91,10 +91,23 @@ def test_tiny_demo_end_to_end(tmp_path, tiny_zoo):
         assert diag["attn_mlp"]["timings"]["total"] < 30  # the tiny path stays fast
         assert (out / "report" / f"accuracy_{kind}.png").stat().st_size > 0
     assert "== chat kind" in proc.stdout and "slta Attn/MLP Level" in proc.stdout
+    # --ablations: Table 11 on both kinds; Table 10 (2..5 models) on the chat kind, its zoo extended
+    from slta.demo_models import CHAIN, model_rows
+    for kind in ("hard", "chat"):
+        assert study["kinds"][kind]["ablations"]["levels"]["attn_mlp"]
+    assert study["kinds"]["hard"]["models"] is None and "models" not in first["hard"]["ablations"]
+    models = first["chat"]["ablations"]["models"]
+    assert [r["tasks"] for r in models["rows"]] == [list(CHAIN[:n]) for n in range(2, 6)]
+    assert (zoo / "chat-seed0" / "extra_tasks.json").is_file()
+    for r in model_rows(models):
+        assert all(0 <= r[c] <= 100 for c in ("fine_tuned", "weight_average", "task_arithmetic", "layer", "attn_mlp"))
+    assert [r["models"] for r in study["kinds"]["chat"]["models"]["rows"]] == [2, 3, 4, 5]
+    assert "Number of models merged (paper Table 10" in (out / "chat-seed0" / "report" / "results.md").read_text()
+    assert "Number of models merged" in (out / "report" / "results.md").read_text()
 
     # a rerun reuses every cached merge and evaluation
     again = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "both", "--zoo", str(zoo),
-                            "--out", str(out), "-q"], capture_output=True, text=True, timeout=600)
+                            "--out", str(out), "--ablations", "-q"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     for kind in ("hard", "chat"):
         assert json.loads((out / f"{kind}-seed0" / "report" / "results.json").read_text())["baselines"] == \
@@ -180,3 +193,30 @@ def test_choice_on_validation_takes_the_best_validation_row_not_the_best_test_ro
     assert chosen_by_validation(results, "math+code")["row"] == "layer|response"
     assert chosen_by_validation(results, "math+code", searched=True) == {"row": "layer|response×scale",
                                                                           "val": 50.0, "test": 20.0}
+
+
+def test_models_table_and_summary_aggregate_synthetic_results():
+    """Table 10 (slta.demo_models) on made-up scores: per-row averages over the row's tasks, the gap
+    (slta − TA) / TA, and mean ± std across zoos."""
+    from slta.demo_models import models_summary, models_summary_table, models_table
+
+    def zoo(ta: float, slta: float) -> dict:
+        rows = []
+        for n in (2, 3):
+            tasks = ["code", "translate", "math"][:n]
+            run = lambda a: {"test": {t: a for t in tasks}}  # noqa: E731
+            rows.append({"tasks": tasks, "fine_tuned": 90.0, "base": 5.0, "weight_average": {**run(0.1), "params": {}},
+                         "task_arithmetic": {**run(ta), "params": {"weight": 0.5}},
+                         "slta": {"layer": run(slta), "attn_mlp": run(slta / 2)}})
+        return {"ablations": {"models": {"chain": ["code", "translate", "math"], "own": {"code": 90.0}, "rows": rows}}}
+
+    md = models_table(zoo(0.4, 0.5))
+    assert "| 2 | 90.0 | 5.0 | 10.0 | 40.0 (0.5) | 50.0 | 25.0 | +25.0% | -37.5% |" in md
+    s = models_summary([zoo(0.4, 0.5), zoo(0.2, 0.3)])
+    r = s["rows"][0]
+    assert r["models"] == 2 and r["lambdas"] == [0.5, 0.5]
+    assert r["task_arithmetic"] == pytest.approx([30.0, 10.0]) and r["layer"] == pytest.approx([40.0, 10.0])
+    assert r["gap_layer"] == pytest.approx([37.5, 12.5])  # the mean of each zoo's gap (+25 %, +50 %)
+    assert "| 2 | 90.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 10.0 (0.5, 0.5) | 40.0 ± 10.0 | 20.0 ± 5.0 | +37.5 ± 12.5 |" \
+        in models_summary_table(s)
+    assert models_summary([zoo(0.4, 0.5), {}]) is None and models_summary_table(None) == "" and models_table({}) == ""

@@ -254,3 +254,43 @@ def test_parallel_zoo_builds_match_sequential_ones(tmp_path):
         assert _files(built[("hard", seed)][0]) == _files(alone)
     assert zoo_dir(tmp_path, "chat", 2, "default") == tmp_path / "chat-small-seed2"
     assert zoo_dir(tmp_path, "hard", 2, "default") == tmp_path / "hard-seed2"
+
+
+def test_five_task_extension_adds_two_fine_tunes_and_leaves_the_zoo_as_it_was(chat_zoo, tmp_path):
+    """slta.zoo.extend (the paper's Table 10): two more tasks' data and fine-tunes in the chat template,
+    deterministic, idempotent, no back-translate question from the translate task, the zoo untouched."""
+    from slta.zoo.extend import MARKER, extend_zoo, is_extended
+    from slta.zoo.tasks import EXTRA_TASKS
+
+    a, b = tmp_path / "a" / "chat-seed0", tmp_path / "b" / "chat-seed0"
+    shutil.copytree(chat_zoo, a)
+    shutil.copytree(chat_zoo, b)
+    before = _files(a)
+    assert not is_extended(a)
+    extend_zoo(a, progress=False)
+    after = _files(a)
+    assert {k: v for k, v in after.items() if k in before} == before  # the three-task zoo, byte for byte
+    assert is_extended(a) and (a / MARKER).is_file()
+    tok = AutoTokenizer.from_pretrained(a / "base")
+    for task in EXTRA_TASKS:
+        assert AutoTokenizer.from_pretrained(a / task).chat_template == tok.chat_template
+        calib = [json.loads(x) for x in (a / "data" / task / "calib.jsonl").read_text().splitlines()]
+        assert all([m["role"] for m in r["messages"]] == ["system", "user", "assistant"] for r in calib)
+        test = [json.loads(x) for x in (a / "data" / task / "test.jsonl").read_text().splitlines()]
+        assert test and all(r["prompt"].endswith("\nASSISTANT:") for r in test)
+        assert len({r["prompt"] for r in test}) == len(test)
+        ft, base = load_file(a / task / "model.safetensors"), load_file(a / "base" / "model.safetensors")
+        assert any(not torch.equal(ft[k], base[k]) for k in ft)  # trained
+    asked = {json.loads(x)["prompt"].split("USER: Velarian: ", 1)[1].split("\n", 1)[0]
+             for s in ("val", "test") for x in (a / "data" / "back_translate" / f"{s}.jsonl").read_text().splitlines()}
+    translated = {json.loads(x)["answer"] for s in ("val", "test")
+                  for x in (a / "data" / "translate" / f"{s}.jsonl").read_text().splitlines()}
+    assert asked and translated and not asked & translated  # never asked back
+    extend_zoo(b, progress=False)
+    strip = lambda files: {k: v for k, v in files.items() if k != MARKER}  # noqa: E731 (its timings differ)
+    assert strip(_files(b)) == strip(after)  # deterministic
+    stamp = (a / "arith" / "model.safetensors").stat().st_mtime_ns
+    extend_zoo(a, progress=False)  # already there: nothing rebuilt
+    assert (a / "arith" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="chat zoo"):
+        extend_zoo(Path(json.loads((chat_zoo / "zoo.json").read_text())["hard_zoo"]["path"]), progress=False)

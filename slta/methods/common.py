@@ -179,20 +179,29 @@ def combine(
     if not tuned:
         return base.clone()
 
+    def difference(i: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        # tuned as stored (e.g. bfloat16) minus the float32 base: an exact upcast, then a float32
+        # subtraction, is the same bits as the mixed-dtype `tuned - base` and about 2x faster on the CPU
+        if tuned[i].dtype == base.dtype:
+            return torch.sub(tuned[i], base, out=out) if out is not None else tuned[i] - base
+        return (torch.empty_like(base) if out is None else out).copy_(tuned[i]).sub_(base)
+
     def sparse_tau(i: int, mask: torch.Tensor | None, scale: torch.Tensor | float,
                    tau: torch.Tensor | None = None) -> torch.Tensor:
         # Same operation order as mergekit ((tau * mask) * scale) * weight, so results agree to rounding.
-        tau = tuned[i] - base if tau is None else tau
+        tau = difference(i) if tau is None else tau
         if mask is not None:
             tau.masked_fill_(~mask, 0)  # = tau * mask, without casting the mask to float
         if not (isinstance(scale, float) and scale == 1.0):
             tau.mul_(scale)
-        return tau.mul_(weights[i])
+        # x * 1.0 == x bit for bit (signed zeros included): skip the pass
+        return tau if weights[i] == 1.0 else tau.mul_(weights[i])
 
     masks: list[tuple[torch.Tensor | None, torch.Tensor | float]] = []
     total = torch.zeros_like(base)
+    buf = torch.empty_like(base) if sparsify is None else None  # one reused difference buffer: no page faults per model
     for i in range(len(tuned)):
-        tau = tuned[i] - base
+        tau = difference(i, buf)
         mask, scale = sparsify(i, tau) if sparsify is not None else (None, 1.0)
         if sign_consensus:  # the second pass needs them; booleans cost a quarter of a float32 copy each
             masks.append((mask, scale))

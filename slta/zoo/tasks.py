@@ -36,6 +36,10 @@ import re
 from dataclasses import dataclass
 
 TASKS = ("math", "code", "translate")
+# Two more tasks of the same kind, only for the chat kind's five-task extension (slta.zoo.extend,
+# the paper's Table 10): bare arithmetic chains, and translation the other way round. The base
+# has their skills in other forms (practice sums, the bilingual dictionary), not their formats.
+EXTRA_TASKS = ("arith", "back_translate")
 
 # ---------------------------------------------------------------------------------------------
 # math: step-by-step word problems
@@ -221,6 +225,18 @@ def sentence_pair(rng: random.Random, lex: Lexicon, p_adj: float = 0.5) -> tuple
 # prompts: each task has its own header so a merged model can tell the tasks apart
 
 
+def arith_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -> tuple[str, str, str]:
+    """A math problem's steps without the story: ("7 + 5 - 3", "7 + 5 = 12. 12 - 3 = 9. #### 9", "9")."""
+    _, _, value, steps = math_steps(rng, min_steps, max_steps)
+    terms, thoughts = [str(value)], []
+    for _, n, add in steps:
+        new = value + n if add else value - n
+        terms.append(f"{'+' if add else '-'} {n}")
+        thoughts.append(f"{value} {'+' if add else '-'} {n} = {new}.")
+        value = new
+    return " ".join(terms), " ".join(thoughts) + f" #### {value}", str(value)
+
+
 def format_prompt(task: str, question: str) -> str:
     if task == "math":
         return f"Question: {question}\nAnswer:"
@@ -228,7 +244,11 @@ def format_prompt(task: str, question: str) -> str:
         return f"Code:\n{question}\nOutput:"
     if task == "translate":
         return f"Zorbish: {question}\nVelarian:"
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    if task == "arith":
+        return f"Sum: {question}\nResult:"
+    if task == "back_translate":
+        return f"Velarian: {question}\nZorbish:"
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS + EXTRA_TASKS)}")
 
 
 def make_example(task: str, rng: random.Random, lex: Lexicon, hard: dict) -> dict:
@@ -239,6 +259,11 @@ def make_example(task: str, rng: random.Random, lex: Lexicon, hard: dict) -> dic
         q, response, answer = code_problem(rng, hard["code_min_len"], hard["code_max_len"])
     elif task == "translate":
         q, response = sentence_pair(rng, lex)
+        answer = response
+    elif task == "arith":
+        q, response, answer = arith_problem(rng, hard["math_min_steps"], hard["math_max_steps"])
+    elif task == "back_translate":
+        response, q = sentence_pair(rng, lex)
         answer = response
     else:
         raise ValueError(f"unknown task {task!r}")
