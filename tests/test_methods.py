@@ -107,6 +107,26 @@ def test_task_arithmetic_is_eq1():
     close(got, ref / sum(w), base)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, -0.5, 1.2]])
+def test_fine_tunes_as_stored_give_the_bits_of_the_float32_upcast(method, weights):
+    """Data-free methods take bfloat16 fine-tunes as stored (slta.data_free, `tuned_as_stored`): the
+    merge must be bit for bit the one on their exact float32 upcast, signed zeros included."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 48, generator=g).bfloat16().float()
+    tuned = [(base + 0.01 * torch.randn(64, 48, generator=g)).bfloat16() for _ in weights]
+    base[0, :4], base[0, 4:8] = 0.0, -0.0
+    tuned[0][0, :8] = -0.0
+    kept = [t.clone() for t in tuned]
+    m = methods.get(method)
+    per_model = [{"weight": w, "density": 0.5} for w in weights]
+    shared = {"lambda": 0.9, "normalize": method == "ties", "int8_mask": False}
+    as_stored = m.tensor_fn("x", base, tuned, per_model, shared, 0)
+    upcast = m.tensor_fn("x", base, [t.float() for t in tuned], per_model, shared, 0)
+    assert torch.equal(as_stored.view(torch.int32), upcast.view(torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(tuned, kept))  # the inputs were not modified in place
+
+
 def test_task_arithmetic_defaults_and_zero_weight_sum():
     base, tuned = family(T=2)
     close(run("task_arithmetic", base, tuned, [{}, {}]), sum(taus(base, tuned)), base)  # weight 1, lambda 1

@@ -36,6 +36,17 @@ def test_float16_overflow_is_an_error_naming_tensor_and_dtype(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may land in OUT"
 
 
+def test_a_data_free_merge_that_overflows_float32_is_refused_by_name(tmp_path):
+    """Task arithmetic with a weight that overflows float32: the writer's check (the only one on the
+    data-free path) refuses the first tensor by name and nothing lands in OUT."""
+    base, tuned = make_family(tmp_path, "llama", T=2)
+    cfg = write_config(tmp_path / "c.yml", base, tuned, None, method="task_arithmetic", weight=1e40)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"merged tensor model\.embed_tokens\.weight has non-finite values"):
+        run_merge(cfg, out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may land in OUT"
+
+
 # -- 3. `slta analyze` prints scores with significant digits ------------------------------------------
 
 def test_analyze_summary_prints_significant_digits():
