@@ -144,7 +144,7 @@ def drop_page_cache() -> bool:
 
 
 def run_method(method: str, root: Path, base: Path, tuned: list[Path], data: list[Path], num_samples: int,
-               dtype: str, device: str) -> dict:
+               dtype: str, device: str, keep: bool = False) -> dict:
     out = root / f"out_{method}"
     shutil.rmtree(out, ignore_errors=True)
     drop_page_cache()
@@ -166,8 +166,37 @@ def run_method(method: str, root: Path, base: Path, tuned: list[Path], data: lis
     report = out / "slta_report.json"
     if report.exists():
         timings = json.loads(report.read_text()).get("timings", {})
-    shutil.rmtree(out, ignore_errors=True)
+    if not (keep and code == 0):
+        shutil.rmtree(out, ignore_errors=True)
     return {"method": method, "wall": wall, "rss": rss, "code": code, "timings": timings}
+
+
+def compare_outputs(a: Path, b: Path) -> str:
+    """Tensor by tensor, whether two merged checkpoints hold the same bits (names matched across shards)."""
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(f, "pt") as h:
+                out.update({k: f for k in h.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if set(ia) != set(ib):
+        return f"different tensor names ({len(set(ia) ^ set(ib))} not in both)"
+    differ, worst = 0, 0.0
+    for name in sorted(ia):
+        with safe_open(ia[name], "pt") as ha, safe_open(ib[name], "pt") as hb:
+            x, y = ha.get_tensor(name), hb.get_tensor(name)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return f"{name}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}"
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.dtype.itemsize]
+        if not torch.equal(x.flatten().view(bits), y.flatten().view(bits)):
+            differ += 1
+            worst = max(worst, float((x.double() - y.double()).abs().max()))
+    return (f"all {len(ia)} tensors bit-identical" if not differ
+            else f"{differ} of {len(ia)} tensors differ (max |difference| {worst:.3g})")
 
 
 def uptime() -> str:
@@ -208,10 +237,19 @@ def speed(args: argparse.Namespace) -> None:
     methods = args.methods.split(",")
     if args.variants:  # the paper's closed form first: the variants are reported as multiples of it
         methods = ([] if "slta_attn_mlp" in methods else ["slta_attn_mlp"]) + methods + list(VARIANTS)
+    # data-free methods that both tools run: their outputs are kept until compared, bit for bit
+    peers = {m for m in methods if m.startswith("mergekit_") and "slta_" + m.split("_", 1)[1] in methods}
+    peers |= {"slta_" + m.split("_", 1)[1] for m in peers}
     for method in methods:
-        r = run_method(method, root, base, tuned, data, args.num_samples, args.dtype, args.device)
+        r = run_method(method, root, base, tuned, data, args.num_samples, args.dtype, args.device, method in peers)
         rows.append(r)
         print(f"  {method}: {r['wall']:.1f}s, {r['rss']:.0f} MiB, exit {r['code']}", flush=True)
+    for m in sorted(p for p in peers if p.startswith("mergekit_")):
+        ours, theirs = root / f"out_slta_{m.split('_', 1)[1]}", root / f"out_{m}"
+        if ours.exists() and theirs.exists():
+            print(f"  parity, slta_{m.split('_', 1)[1]} vs {m}: {compare_outputs(ours, theirs)}", flush=True)
+        shutil.rmtree(ours, ignore_errors=True)
+        shutil.rmtree(theirs, ignore_errors=True)
     by = {r["method"]: r for r in rows}
     floor = by.get("io_floor_raw")
     mk = by.get("mergekit_task_arithmetic")
