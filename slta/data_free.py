@@ -6,12 +6,14 @@ No calibration data and no forward pass.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from slta.architecture import Plan, TensorPlan
-from slta.checkpoint import ShardedWriter
+from slta.checkpoint import ShardedWriter, dtype_name, parse_dtype
 from slta.engine import Client, Loaded, walk
-from slta.inputs import Inputs
+from slta.inputs import Inputs, MergeError, all_finite
 from slta.journal import Journal
 
 
@@ -24,6 +26,7 @@ class DataFree(Client):
         self.method = cfg.method()
         self.seed = int(cfg.param("seed"))
         self.own = [e.parameters for e in cfg.models]
+        self.dtype = parse_dtype(cfg.dtype) if cfg.dtype else None  # mergekit's `dtype`: the merge's arithmetic
         self.desc = f"{self.method.name}: layers"
 
     def done(self, label: str) -> bool:
@@ -36,11 +39,21 @@ class DataFree(Client):
         cfg, method, device, writer, plan = self.ins.cfg, self.method, self.device, self.writer, self.plan
         for n in group:
             per_model, shared = resolve_tensor_params(method, self.own, cfg.parameters, n, layer_index(n), plan.num_layers)
-            base = loaded[0][n].to(device, torch.float32)
-            tuned = [g[n].to(device, None if method.tuned_as_stored else torch.float32) for g in loaded[1:]]
-            # no finiteness pass here: the writer checks every tensor after the cast to the output
-            # dtype and refuses a non-finite one by name before anything is published
-            writer.write(n, method.tensor_fn(n, base, tuned, per_model, shared, self.seed))
+            # mergekit computes in the merge's `dtype` (default: the inputs' promoted dtype); the
+            # combine family does too in bfloat16/float16 (same bits as mergekit), the rest in float32
+            dt = self.dtype or functools.reduce(torch.promote_types, (g[n].dtype for g in loaded))
+            work = dt if method.tuned_as_stored and dt in (torch.bfloat16, torch.float16) else torch.float32
+            base = loaded[0][n].to(device, work)
+            tuned = [g[n].to(device, None if method.tuned_as_stored and work == torch.float32 else work)
+                     for g in loaded[1:]]
+            merged = method.tensor_fn(n, base, tuned, per_model, shared, self.seed)
+            # In float32 the writer's check (after the cast to the output dtype) is the only one needed;
+            # in a reduced dtype an overflow happens inside the arithmetic, so say where it comes from.
+            if work != torch.float32 and not all_finite(merged):
+                raise MergeError(f"{method.name}: tensor {n} is not finite when computed in {dtype_name(work)}, the "
+                                 f"merge's `dtype` (mergekit computes there too): set `dtype: float32` to compute "
+                                 f"in float32 and `out_dtype: {dtype_name(work)}` for the written dtype")
+            writer.write(n, merged)
         del loaded
         self.journal.mark(label, writer)
 

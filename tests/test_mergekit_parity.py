@@ -201,3 +201,26 @@ def test_dare_rescales_by_one_over_density_where_mergekit_matches_the_l1_norm(zo
     l1 = float(tau.abs().sum() / tau[mk_kept].abs().sum())
     assert abs(l1 - 2.0) > 1e-2  # the two rescales really differ on this tensor
     torch.testing.assert_close((ref[name] - base[name])[mk_kept], tau[mk_kept] * l1, rtol=1e-4, atol=1e-6)
+
+
+# -- a bfloat16 merge: mergekit computes in the merge dtype, and so does slta ------------------------
+
+BF16_EXACT = ["task_arithmetic", "task_arithmetic_normalize", "dare_linear_p0", "dare_ties_p0"]
+
+
+@pytest.mark.parametrize("name", BF16_EXACT)
+def test_bfloat16_merge_has_mergekits_bits(zoo, name, tmp_path):
+    """With `dtype: bfloat16` mergekit casts the inputs and does the arithmetic in bfloat16; slta's
+    combine family does the same operations in the same order: the written tensors are mergekit's,
+    bit for bit (no sort is involved in these methods, so no tie-breaking either)."""
+    import slta.merge as merge
+
+    cfg = {**copy.deepcopy(zoo["configs"][name]), "dtype": "bfloat16"}
+    ref = mergekit_tensors({**zoo, "configs": {f"{name}_bf16": cfg}}, f"{name}_bf16")
+    ours = load_folder(Path(merge.run_merge(copy.deepcopy(cfg), tmp_path / "out", device="cpu", progress=False)))
+    assert sorted(ours) == sorted(ref)
+    differ = [n for n in ref if ours[n].dtype != torch.bfloat16
+              or not torch.equal(ours[n].view(torch.int16), ref[n].view(torch.int16))]
+    assert not differ, f"{name}: {len(differ)} of {len(ref)} bfloat16 tensors differ from mergekit's, e.g. {differ[:3]}"
+    base = load_folder(zoo["base"])
+    assert any(not torch.equal(ref[n], base[n].bfloat16()) for n in ref)  # not trivially the base

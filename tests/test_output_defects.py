@@ -34,6 +34,12 @@ def test_float16_overflow_is_an_error_naming_tensor_and_dtype(tmp_path):
     msg = str(err.value)
     assert "float16" in msg and "model.embed_tokens.weight" in msg, msg
     assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may land in OUT"
+    # computed in float32 (as the message advises), the value does not fit the written float16 either
+    raw.update(dtype="float32", out_dtype="float16")
+    cfg.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight does not fit in the output dtype float16"):
+        run_merge(cfg, out, progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may land in OUT"
 
 
 def test_a_data_free_merge_that_overflows_float32_is_refused_by_name(tmp_path):

@@ -38,9 +38,11 @@ class Method:
     needs_data: bool = False
     aliases: tuple[str, ...] = ()
     reference: str = ""
-    # The tensor function takes the fine-tuned tensors in their stored dtype: it only forms
-    # `tuned[i] - base` with the float32 base, which promotes them exactly (slta.methods.common.combine),
-    # so no float32 copy of them is ever held (T copies of the largest tensor: 2.6 GiB for a 70B MLP).
+    # The tensor function is slta.methods.common.combine's family (mergekit's "generalized task
+    # arithmetic"). It takes the fine-tuned tensors in their stored dtype and forms `tuned[i] - base`
+    # with the float32 base by an exact upcast, so no float32 copy of them is ever held (T copies of
+    # the largest tensor: 2.6 GiB for a 70B MLP); and given a bfloat16/float16 base (a merge whose
+    # `dtype` is that), it computes in that dtype in mergekit's order, for mergekit's bits.
     tuned_as_stored: bool = False
 
 

@@ -178,6 +178,9 @@ def combine(
     """
     if not tuned:
         return base.clone()
+    if base.dtype in (torch.bfloat16, torch.float16):
+        return combine_in_dtype(base, tuned, weights, sparsify, sign_consensus=sign_consensus, normalize=normalize,
+                                lam=lam)
 
     def difference(i: int, out: torch.Tensor | None = None) -> torch.Tensor:
         # tuned as stored (e.g. bfloat16) minus the float32 base: an exact upcast, then a float32
@@ -229,3 +232,55 @@ def combine(
     if lam != 1:
         total.mul_(lam)
     return total.add_(base)
+
+
+def combine_in_dtype(
+    base: torch.Tensor,
+    tuned: list[torch.Tensor],
+    weights: list[float],
+    sparsify: Sparsify | None,
+    *,
+    sign_consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """:func:`combine` computed in a reduced merge dtype (bfloat16, float16), as mergekit computes it.
+
+    mergekit casts every input to the merge's ``dtype`` and does the arithmetic there: each task
+    vector rounded to that dtype, masked by multiplication, the weights rounded to it, the T weighted
+    vectors stacked and summed (torch accumulates the sum in float32 and rounds once), the sign
+    election, the divisor, λ and the base addition each rounded to it. Doing the same operations
+    in the same order gives mergekit's bits; computing in float32 and rounding once (the float32
+    path) is closer to the exact value but differs from mergekit in the last bit.
+    """
+    deltas = base.new_empty((len(tuned), *base.shape))
+    for i, t in enumerate(tuned):
+        tau = t - base
+        if sparsify is not None:
+            mask, scale = sparsify(i, tau)
+            if mask is not None:
+                tau = tau * mask  # multiplication, not masked_fill: -x * 0 = -0, as in mergekit
+                if not (isinstance(scale, float) and scale == 1.0):
+                    tau = tau * scale
+        deltas[i] = tau
+        del tau
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
+    deltas.mul_(w)
+    if sign_consensus:  # TIES's election (the "sum" method), mergekit's get_mask
+        majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        agree = deltas.sign() == majority
+        del majority
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    del deltas
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return base + mixed
+
