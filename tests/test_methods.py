@@ -497,5 +497,9 @@ def test_kth_smallest_radix_select_matches_sort():
             a = torch.zeros(n)
         k = int(torch.randint(1, n + 1, (1,), generator=g))
         assert common.kth_smallest(a, k).item() == torch.sort(a).values[k - 1].item()
+        for dt in (torch.bfloat16, torch.float16):  # reduced merge dtypes: upcast, the same value
+            r = a.to(dt)
+            got = common.kth_smallest(r, k)
+            assert got.dtype == dt and got.item() == torch.sort(r).values[k - 1].item()
     a = torch.tensor([float("inf"), 0.0, 1e-45, 3.4e38])
     assert [common.kth_smallest(a, k).item() for k in (1, 2, 3, 4)] == sorted(a.tolist())

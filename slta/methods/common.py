@@ -32,6 +32,8 @@ def kth_smallest(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.kthvalue`` copies the values and allocates int64 indices (three float32 copies in all) and
     is several times slower on the CPU.
     """
+    if magnitudes.dtype in (torch.bfloat16, torch.float16):  # exact upcast: the same k-th value, no int64 indices
+        return kth_smallest(magnitudes.float(), k).to(magnitudes.dtype)
     if magnitudes.dtype != torch.float32:
         return torch.kthvalue(magnitudes, k).values
     bits = magnitudes.view(torch.int32)
