@@ -503,3 +503,49 @@ def test_kth_smallest_radix_select_matches_sort():
             assert got.dtype == dt and got.item() == torch.sort(r).values[k - 1].item()
     a = torch.tensor([float("inf"), 0.0, 1e-45, 3.4e38])
     assert [common.kth_smallest(a, k).item() for k in (1, 2, 3, 4)] == sorted(a.tolist())
+
+
+def _mergekit_ties_stable(base, tuned, weights, density, normalize=True, lam=1.0):
+    """mergekit 0.1.5's generalized task arithmetic for TIES (merge_group + sparsify.magnitude +
+    get_mask), written out here in the tensors' own dtype, with one change: its top-k argsort is made
+    stable (mergekit's is not, so ties between equal magnitudes land anywhere)."""
+    deltas = base.new_empty((len(tuned), *base.shape))
+    for i, t in enumerate(tuned):
+        delta = t - base
+        k = max(1, int(density * delta.numel()))
+        mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+        top = torch.sort(delta.abs().reshape(-1).float(), descending=True, stable=True).indices[:k]
+        mask[top] = 1
+        deltas[i] = delta * mask.reshape_as(delta)
+    w = torch.tensor(weights, dtype=deltas.dtype).reshape(-1, *([1] * base.dim()))
+    deltas.mul_(w)
+    sign = deltas.sign().to(base.dtype)
+    majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+    agree = sign == majority
+    mixed = (deltas * agree).sum(dim=0)
+    divisor = (w * agree).sum(dim=0)
+    divisor[divisor == 0] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return base + mixed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ties_in_a_reduced_dtype_is_mergekits_algorithm_up_to_tie_order(dtype):
+    """In bfloat16 many magnitudes are equal; slta keeps the earlier of equal entries (a stable order),
+    mergekit wherever its unstable sort puts them. Against mergekit's algorithm with a stable sort,
+    slta's TIES is bit for bit the same: the only difference from mergekit is the tie order."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(96, 80, generator=g).to(dtype)
+    tuned = [base + (0.02 * torch.randn(96, 80, generator=g)).to(dtype) for _ in range(3)]
+    weights, density = [1.0, 0.6, 0.3], 0.3
+    m = methods.get("ties")
+    ours = m.tensor_fn("x", base, tuned, [{"weight": w, "density": density} for w in weights],
+                       {"lambda": 0.9, "normalize": True, "rescale": False, "int8_mask": False}, 0)
+    ref = _mergekit_ties_stable(base, tuned, weights, density, lam=0.9)
+    assert ours.dtype == dtype
+    assert torch.equal(ours.view(torch.int16), ref.view(torch.int16))
+    mags = (tuned[0] - base).abs().reshape(-1)
+    assert mags.unique().numel() < mags.numel() // 4  # plenty of ties: the order matters here
