@@ -93,9 +93,10 @@ def _model_indices(text: str) -> list[int]:
 CORE_COMMANDS = ("merge", "solve", "eval", "zoo")  # defined here; the others come from COMMAND_MODULES
 
 
-def build_parser(extra: bool = True) -> argparse.ArgumentParser:
-    """The parser; `extra=False` leaves out the subcommands of COMMAND_MODULES (importing slta.linearity
-    pulls in transformers' attention code and torch._dynamo: 1-3 s that `slta merge` does not need)."""
+def build_parser(extra: bool | str = True) -> argparse.ArgumentParser:
+    """The parser. `extra`: True adds every subcommand of COMMAND_MODULES, a command name only that one
+    (importing slta.linearity pulls in transformers' attention code and torch._dynamo: 1-3 s that
+    `slta merge` does not need), False none; "help" lists them from COMMAND_HELP without importing any."""
     p = argparse.ArgumentParser(prog="slta", description="Submodule-linearity task arithmetic: merge LLMs "
                                 "fine-tuned from one base, with closed-form per-submodule weights.")
     p.add_argument("--version", action="version", version=f"slta {__version__}")
@@ -164,19 +165,34 @@ def build_parser(extra: bool = True) -> argparse.ArgumentParser:
     zb.add_argument("-q", "--quiet", action="store_true")
     zb.set_defaults(func=_zoo)
 
-    for register in _extra_commands() if extra else []:
-        register(sub)
+    if extra == "help":  # `slta --help`: list the other commands; running one parses again with its module
+        for name, text in COMMAND_HELP.items():
+            sub.add_parser(name, help=text)
+    else:
+        for register in _extra_commands(None if extra is True else extra if extra else ()):
+            register(sub)
     return p
 
 
-# Modules that add their own subcommand with `add_cli(subparsers)`, beside their implementation.
-COMMAND_MODULES: tuple[str, ...] = ("slta.demo", "slta.linearity", "slta.figures", "slta.diagnostics")
+# Subcommands defined beside their implementation (`add_cli(subparsers)`): command -> module.
+COMMAND_MODULES: dict[str, str] = {"demo": "slta.demo", "analyze": "slta.linearity", "report": "slta.figures",
+                                   "diagnose": "slta.diagnostics"}
+# Their one-line help, for `slta --help` without importing them (tests/test_api.py keeps it equal to the modules').
+COMMAND_HELP: dict[str, str] = {
+    "demo": "build the demo zoo, merge it with slta and every baseline, print the table",
+    "analyze": "linearity analysis of the fine-tunes (Non-linearity Score, projection distance, cosine): "
+               "linearity.json + figures",
+    "report": "draw Figure 5 (every module's α as a heatmap) from a merge folder",
+    "diagnose": "per-module diagnostics of a closed-form merge: Σα, fine-tune interference (cosines), Eq. 10 "
+                "vs Eq. 11 at slta's α and task arithmetic's λ",
+}
 
 
-def _extra_commands() -> list:
+def _extra_commands(only: str | tuple | None) -> list:
     import importlib
 
-    return [importlib.import_module(m).add_cli for m in COMMAND_MODULES]
+    names = list(COMMAND_MODULES) if only is None else [only] if isinstance(only, str) else list(only)
+    return [importlib.import_module(COMMAND_MODULES[n]).add_cli for n in names]
 
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
@@ -201,7 +217,9 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
-    args = build_parser(extra=not (words and words[0] in CORE_COMMANDS)).parse_args(argv)
+    first = words[0] if words else None
+    extra = False if first in CORE_COMMANDS else first if first in COMMAND_MODULES else "help"
+    args = build_parser(extra=extra).parse_args(argv)
     _pin_mmap_threshold()
     import signal
 

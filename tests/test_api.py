@@ -47,3 +47,35 @@ def test_api_names_are_the_cli_functions(tmp_path):
     a = slta.merge(cfg, tmp_path / "a", progress=False)
     b = run_merge(cfg, tmp_path / "b", progress=False)
     assert (Path(a) / "model.safetensors").read_bytes() == (Path(b) / "model.safetensors").read_bytes()
+
+
+def test_top_level_help_lists_every_command_without_importing_them():
+    """`slta --help` lists the subcommands defined in their own modules from slta.cli.COMMAND_HELP (no
+    import of torch or those modules); the text is the modules' own, and running a command imports only
+    its module."""
+    import argparse
+    import importlib
+    import subprocess
+    import sys
+
+    from slta.cli import COMMAND_HELP, COMMAND_MODULES
+
+    assert set(COMMAND_HELP) == set(COMMAND_MODULES)
+    for name, mod in COMMAND_MODULES.items():
+        p = argparse.ArgumentParser()
+        sub = p.add_subparsers()
+        importlib.import_module(mod).add_cli(sub)
+        assert {a.dest: a.help for a in sub._choices_actions} == {name: COMMAND_HELP[name]}
+    probe = ("import sys; from slta.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('LOADED', ' '.join(sorted(m for m in sys.modules if m in "
+             "('torch', 'slta.demo', 'slta.linearity', 'slta.figures', 'slta.diagnostics'))))")
+    run = lambda *a: subprocess.run([sys.executable, "-c", probe, *a], capture_output=True, text=True)  # noqa: E731
+    top = run("--help")
+    assert all(name in top.stdout for name in (*COMMAND_MODULES, "merge", "solve", "eval", "zoo")), top.stdout
+    assert top.stdout.strip().endswith("LOADED"), top.stdout[-300:]
+    demo = run("demo", "--help")
+    assert "--zoo-seeds" in demo.stdout and "slta.demo" in demo.stdout.split("LOADED")[-1]
+    assert "slta.linearity" not in demo.stdout.split("LOADED")[-1]
+    bad = run("nonsense")
+    assert "invalid choice" in bad.stderr and "diagnose" in bad.stderr
