@@ -19,6 +19,7 @@ round differently and build another zoo. A zoo whose stored recipe hash matches 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -26,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -221,6 +223,20 @@ def _build(out: Path, recipe: dict, progress: bool, base_only: bool = False, reu
     return {"timings_s": timings, "train_loss": losses}
 
 
+@contextlib.contextmanager
+def deterministic(threads: int) -> Iterator[None]:
+    """Deterministic training for a build: a fixed number of torch threads and deterministic kernels
+    (seeded everything else), restored afterwards. Bytes are reproducible for a given thread count."""
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
 def build_zoo(
     out_dir: str | Path,
     size: str = "default",
@@ -261,10 +277,6 @@ def build_zoo(
         raise FileExistsError(f"{out_dir} exists and is not a zoo (no zoo.json); refusing to overwrite it")
     check_output(out_dir, overwrite=True)  # never the working directory or a parent of it (rebuilds delete it)
 
-    # Deterministic training: fixed threads, deterministic kernels, seeded everything.
-    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-    torch.use_deterministic_algorithms(True)
     # Build beside the target and move into place at the end: a crash never leaves a
     # folder that looks like a complete zoo.
     tmp = out_dir.with_name(out_dir.name + ".tmp-build")
@@ -272,22 +284,21 @@ def build_zoo(
     tmp.mkdir(parents=True)
     reuse = out_dir / "base" if kind == "hard" and not force and has_base(out_dir, recipe) else None
     try:
-        if kind == "chat":
-            meta = build_chat(tmp, recipe, hard_dir, make_data(hard_recipe_of(recipe)), progress, write_jsonl, save_model,
-                              previous=None if force else out_dir)
-            meta["hard_zoo"] = {"path": str(hard_dir), "recipe_hash": recipe_hash(hard_recipe_of(recipe))}
-        else:
-            meta = _build(tmp, recipe, progress, base_only, reuse)
-            meta["base_hash"] = base_hash(recipe)
-        # A base-only folder is not a built zoo: no recipe hash, so is_built stays false.
-        done = recipe_hash(recipe) if not meta.get("base_only") else None
-        meta = {"recipe": recipe, "recipe_hash": done, "torch_threads": torch.get_num_threads(), **meta}
+        with deterministic(threads):
+            if kind == "chat":
+                meta = build_chat(tmp, recipe, hard_dir, make_data(hard_recipe_of(recipe)), progress, write_jsonl,
+                                  save_model, previous=None if force else out_dir)
+                meta["hard_zoo"] = {"path": str(hard_dir), "recipe_hash": recipe_hash(hard_recipe_of(recipe))}
+            else:
+                meta = _build(tmp, recipe, progress, base_only, reuse)
+                meta["base_hash"] = base_hash(recipe)
+            # A base-only folder is not a built zoo: no recipe hash, so is_built stays false.
+            done = recipe_hash(recipe) if not meta.get("base_only") else None
+            meta = {"recipe": recipe, "recipe_hash": done, "torch_threads": torch.get_num_threads(), **meta}
         (tmp / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
     return out_dir

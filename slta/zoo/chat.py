@@ -164,6 +164,29 @@ def same_base(recipe: dict, previous: Path) -> bool:
             and (previous / "base" / "model.safetensors").is_file())
 
 
+def write_task_data(folder: Path, tok: PreTrainedTokenizerFast, split: dict[str, list[dict]], system: bool,
+                    write_jsonl) -> None:
+    """One task's calib.jsonl ({"messages"}) and val/test.jsonl (prompts rendered with the template)."""
+    write_jsonl(folder / "calib.jsonl", [{"messages": messages(e, system)} for e in split["calib"]])
+    for name in ("val", "test"):
+        write_jsonl(folder / f"{name}.jsonl",
+                    [{"prompt": render_prompt(tok, messages(e, system)), "answer": e["answer"]} for e in split[name]])
+
+
+def fine_tune(base, tok: PreTrainedTokenizerFast, examples: list[dict], p: dict, seed: int, task: str,
+              progress: bool, folder: Path, save_model) -> dict[str, float]:
+    """The chat kind's fine-tune of ``base`` on one task, saved to ``folder``; returns its losses.
+    The same seed for every task: the same schedule and the same batch order by index."""
+    model = copy.deepcopy(base)
+    encoded = encode_examples(tok, [training_pair(tok, e, p["chat_system"]) for e in examples])
+    batches, per_epoch = epoch_batches(encoded, tok.pad_token_id, p["chat_batch"], seed + 200)
+    steps = per_epoch * p["chat_epochs"]
+    curve = train_loop(model, batches, steps, p["chat_lr"], max(1, int(p["chat_warmup_frac"] * steps)),
+                       p["finetune_wd"], f"fine-tune {task} (chat)", progress)
+    save_model(model, tok, folder)
+    return {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:]), "steps": len(curve)}
+
+
 def build_chat(out: Path, recipe: dict, hard_dir: Path, data: dict, progress: bool,
                write_jsonl, save_model, previous: Path | None = None) -> dict:
     """Builds the chat kind into ``out`` from the hard zoo in ``hard_dir`` (same seed) and the
@@ -177,10 +200,7 @@ def build_chat(out: Path, recipe: dict, hard_dir: Path, data: dict, progress: bo
     splits = data["splits"]
     system = p["chat_system"]
     for task in tasks.TASKS:
-        write_jsonl(out / "data" / task / "calib.jsonl", [{"messages": messages(e, system)} for e in splits[task]["calib"]])
-        for name in ("val", "test"):
-            write_jsonl(out / "data" / task / f"{name}.jsonl",
-                        [{"prompt": render_prompt(tok, messages(e, system)), "answer": e["answer"]} for e in splits[task][name]])
+        write_task_data(out / "data" / task, tok, splits[task], system, write_jsonl)
     # The training set is the head of the hard kind's train split; mid-training draws from
     # the rest, so a fine-tune never trains on an example its base was mid-trained on.
     n_train = p["chat_train_examples"]
@@ -201,15 +221,7 @@ def build_chat(out: Path, recipe: dict, hard_dir: Path, data: dict, progress: bo
 
     for task in tasks.TASKS:
         t = time.perf_counter()
-        model = copy.deepcopy(base)
-        encoded = encode_examples(tok, [training_pair(tok, e, system) for e in train[task]])
-        # The same seed for every task: the same schedule and the same batch order by index.
-        batches, per_epoch = epoch_batches(encoded, tok.pad_token_id, p["chat_batch"], seed + 200)
-        steps = per_epoch * p["chat_epochs"]
-        curve = train_loop(model, batches, steps, p["chat_lr"], max(1, int(p["chat_warmup_frac"] * steps)),
-                           p["finetune_wd"], f"fine-tune {task} (chat)", progress)
-        save_model(model, tok, out / task)
-        losses[task] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:]), "steps": len(curve)}
+        losses[task] = fine_tune(base, tok, train[task], p, seed, task, progress, out / task, save_model)
         timings[task] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return {"timings_s": timings, "train_loss": losses}

@@ -14,9 +14,7 @@ The extra tasks draw from their own seeded stream (``extra-tasks-SEED``), not th
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import random
 import shutil
 import time
@@ -26,8 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.zoo import tasks
-from slta.zoo.chat import epoch_batches, messages, render_prompt, training_pair
-from slta.zoo.train import encode_examples, train_loop
+from slta.zoo.chat import fine_tune, write_task_data
 
 EXTEND_VERSION = 1
 MARKER = "extra_tasks.json"
@@ -61,7 +58,7 @@ def extra_splits(recipe: dict, lex: tasks.Lexicon, translate: dict[str, list[dic
 
 def extend_zoo(zoo: str | Path, progress: bool = True, threads: int = 1) -> Path:
     """Adds the extra tasks' data and fine-tunes to the chat zoo in ``zoo`` (nothing if already there)."""
-    from slta.zoo.build import hard_recipe_of, make_data, save_model, write_jsonl
+    from slta.zoo.build import deterministic, hard_recipe_of, make_data, save_model, write_jsonl
 
     zoo = Path(zoo)
     if is_extended(zoo):
@@ -71,39 +68,24 @@ def extend_zoo(zoo: str | Path, progress: bool = True, threads: int = 1) -> Path
     if recipe.get("kind") != "chat" or not meta.get("recipe_hash"):
         raise ValueError(f"{zoo}: the five-task extension needs a built chat zoo (zoo.json kind 'chat')")
     p, seed = recipe["params"], recipe["seed"]
-    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
-    torch.use_deterministic_algorithms(True)
     tmp = zoo / ".extend-build"
     shutil.rmtree(tmp, ignore_errors=True)
     (zoo / MARKER).unlink(missing_ok=True)
     info: dict = {"version": EXTEND_VERSION, "recipe_hash": meta["recipe_hash"], "tasks": list(tasks.EXTRA_TASKS),
                   "train_loss": {}, "timings_s": {}}
     try:
-        data = make_data(hard_recipe_of(recipe))
-        splits = extra_splits(recipe, data["lexicon"], data["splits"]["translate"])
-        tok = AutoTokenizer.from_pretrained(zoo / "base")
-        system = p["chat_system"]
-        for task in tasks.EXTRA_TASKS:
-            write_jsonl(tmp / "data" / task / "calib.jsonl",
-                        [{"messages": messages(e, system)} for e in splits[task]["calib"]])
-            for name in ("val", "test"):
-                write_jsonl(tmp / "data" / task / f"{name}.jsonl",
-                            [{"prompt": render_prompt(tok, messages(e, system)), "answer": e["answer"]}
-                             for e in splits[task][name]])
-        base = AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32)
-        for task in tasks.EXTRA_TASKS:  # the chat kind's fine-tune, as in slta.zoo.chat.build_chat
-            t = time.perf_counter()
-            model = copy.deepcopy(base)
-            encoded = encode_examples(tok, [training_pair(tok, e, system) for e in splits[task]["train"]])
-            batches, per_epoch = epoch_batches(encoded, tok.pad_token_id, p["chat_batch"], seed + 200)
-            steps = per_epoch * p["chat_epochs"]
-            curve = train_loop(model, batches, steps, p["chat_lr"], max(1, int(p["chat_warmup_frac"] * steps)),
-                               p["finetune_wd"], f"fine-tune {task} (chat)", progress)
-            save_model(model, tok, tmp / task)
-            info["train_loss"][task] = {"first": curve[0], "last": sum(curve[-20:]) / len(curve[-20:]),
-                                        "steps": len(curve)}
-            info["timings_s"][task] = time.perf_counter() - t
+        with deterministic(threads):
+            data = make_data(hard_recipe_of(recipe))
+            splits = extra_splits(recipe, data["lexicon"], data["splits"]["translate"])
+            tok = AutoTokenizer.from_pretrained(zoo / "base")
+            for task in tasks.EXTRA_TASKS:
+                write_task_data(tmp / "data" / task, tok, splits[task], p["chat_system"], write_jsonl)
+            base = AutoModelForCausalLM.from_pretrained(zoo / "base", dtype=torch.float32)
+            for task in tasks.EXTRA_TASKS:  # the chat kind's fine-tune, as for its three tasks
+                t = time.perf_counter()
+                info["train_loss"][task] = fine_tune(base, tok, splits[task]["train"], p, seed, task, progress,
+                                                     tmp / task, save_model)
+                info["timings_s"][task] = time.perf_counter() - t
         for task in tasks.EXTRA_TASKS:  # move into place; the marker last
             for src, dst in ((tmp / task, zoo / task), (tmp / "data" / task, zoo / "data" / task)):
                 shutil.rmtree(dst, ignore_errors=True)
@@ -111,6 +93,4 @@ def extend_zoo(zoo: str | Path, progress: bool = True, threads: int = 1) -> Path
         (zoo / MARKER).write_text(json.dumps(info, indent=2) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        torch.set_num_threads(prev_threads)
-        torch.use_deterministic_algorithms(prev_det)
     return zoo
