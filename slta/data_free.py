@@ -11,7 +11,7 @@ import functools
 import torch
 
 from slta.architecture import Plan, TensorPlan
-from slta.checkpoint import ShardedWriter, dtype_name, parse_dtype
+from slta.checkpoint import OutputValueError, ShardedWriter, dtype_name, parse_dtype
 from slta.engine import Client, Loaded, walk
 from slta.inputs import Inputs, MergeError, all_finite
 from slta.journal import Journal
@@ -47,13 +47,15 @@ class DataFree(Client):
             tuned = [g[n].to(device, None if method.tuned_as_stored and work == torch.float32 else work)
                      for g in loaded[1:]]
             merged = method.tensor_fn(n, base, tuned, per_model, shared, self.seed)
-            # In float32 the writer's check (after the cast to the output dtype) is the only one needed;
-            # in a reduced dtype an overflow happens inside the arithmetic, so say where it comes from.
-            if work != torch.float32 and not all_finite(merged):
+            try:  # the writer checks finiteness after the cast to the output dtype (the only pass over it)
+                writer.write(n, merged)
+            except OutputValueError:
+                if work == torch.float32 or all_finite(merged):
+                    raise
+                # in a reduced dtype the overflow happened inside the arithmetic: say where it comes from
                 raise MergeError(f"{method.name}: tensor {n} is not finite when computed in {dtype_name(work)}, the "
                                  f"merge's `dtype` (mergekit computes there too): set `dtype: float32` to compute "
-                                 f"in float32 and `out_dtype: {dtype_name(work)}` for the written dtype")
-            writer.write(n, merged)
+                                 f"in float32 and `out_dtype: {dtype_name(work)}` for the written dtype") from None
         del loaded
         self.journal.mark(label, writer)
 
