@@ -169,8 +169,10 @@ def build_parser(extra: bool | str = True) -> argparse.ArgumentParser:
         for name, text in COMMAND_HELP.items():
             sub.add_parser(name, help=text)
     else:
-        for register in _extra_commands(None if extra is True else extra if extra else ()):
-            register(sub)
+        import importlib
+
+        for name in list(COMMAND_MODULES) if extra is True else [extra] if extra else []:
+            importlib.import_module(COMMAND_MODULES[name]).add_cli(sub)
     return p
 
 
@@ -186,13 +188,6 @@ COMMAND_HELP: dict[str, str] = {
     "diagnose": "per-module diagnostics of a closed-form merge: Σα, fine-tune interference (cosines), Eq. 10 "
                 "vs Eq. 11 at slta's α and task arithmetic's λ",
 }
-
-
-def _extra_commands(only: str | tuple | None) -> list:
-    import importlib
-
-    names = list(COMMAND_MODULES) if only is None else [only] if isinstance(only, str) else list(only)
-    return [importlib.import_module(COMMAND_MODULES[n]).add_cli for n in names]
 
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
