@@ -90,7 +90,8 @@ class Demo:
         self.work = out / "work"
         self.cache.mkdir(parents=True, exist_ok=True)
         self.val_limit = None if size == "tiny" else 100
-        self.zoo_hash = json.loads((zoo / "zoo.json").read_text())["recipe_hash"]
+        meta = json.loads((zoo / "zoo.json").read_text())
+        self.zoo_hash, self.kind = meta["recipe_hash"], meta["recipe"].get("kind", "hard")
         self.budget = generation_budget(zoo)
         self.ta_lambda: float | None = None  # task arithmetic's validated λ on the triple: the diagnostics' λ
         self.diagnostics: dict[str, Any] = {}  # level -> slta.diagnostics document (slta.demo_studies)
@@ -345,7 +346,7 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
             ours.update(run_variants(demo, bar))
         bar.set_postfix_str("ablations" if ablations else "")
         studies = {"samples": sample_ablation(demo)} if ablations and (methods is None or "slta" in methods) else {}
-        if studies and json.loads((zoo / "zoo.json").read_text())["recipe"].get("kind") == "chat":
+        if studies and demo.kind == "chat":
             studies["models"] = model_ablation(demo, baseline_grids(size), get_num_threads())
     results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
                "baselines": base, "slta": ours, "seeds": demo.seeds,

@@ -13,7 +13,6 @@ from them (`slta solve --models`) with no forward pass, as the demo does for its
 
 from __future__ import annotations
 
-import json
 import shutil
 from typing import Any
 
@@ -26,8 +25,8 @@ LEVELS = ("layer", "attn_mlp")
 def model_ablation(demo: Any, grids: dict[str, list[dict[str, Any]]], threads: int = 1) -> dict[str, Any]:
     """Table 10 on one chat zoo (extended first if needed), with the demo's baseline `grids`; cached
     like every demo evaluation."""
+    from slta.demo_resolve import resolved_scores
     from slta.demo_zoos import generation_budget
-    from slta.merge import run_merge, run_solve
     from slta.zoo.extend import EXTEND_VERSION, extend_zoo
 
     extend_zoo(demo.zoo, progress=False, threads=threads)
@@ -45,18 +44,10 @@ def model_ablation(demo: Any, grids: dict[str, list[dict[str, Any]]], threads: i
     for level in LEVELS:
         cfg = demo.merge_config("slta", CHAIN, {"granularity": level, "num_samples": 30, "seed": 0})
         folder = demo.work / f"models-{demo.key({'config': cfg, **tag})}"
-        for row, combo in zip(rows, prefixes):
+        for row, combo in zip(rows, prefixes):  # one forward pass on all five, every prefix re-solved
             key = demo.key({"config": cfg, "models": len(combo), **tag})
-            path = demo.cache / f"eval-{key}-test.json"
-            if not path.exists():
-                if not (folder / "slta_stats.safetensors").exists():  # the one forward pass, all five
-                    run_merge(cfg, folder, overwrite=True, device=demo.device, progress=False)
-                sub = folder.with_name(f"{folder.name}-{len(combo)}")
-                run_solve(folder / "slta_stats.safetensors", sub, models=list(range(len(combo))), overwrite=True,
-                          progress=False)
-                demo.evaluate(sub, combo, "test", key)
-                shutil.rmtree(sub, ignore_errors=True)
-            row["slta"][level] = {"test": json.loads(path.read_text())}
+            row["slta"][level] = {"test": resolved_scores(demo, cfg, folder, key, combo,
+                                                          models=list(range(len(combo))))}
         shutil.rmtree(folder, ignore_errors=True)
     return {"chain": list(CHAIN), "own": own, "rows": rows}
 

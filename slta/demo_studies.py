@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from slta.demo_resolve import resolved_scores
 from slta.demo_table import COMBOS, TASKS
 
 DIAG_LEVELS = ("attn_mlp", "layer")
@@ -99,8 +100,6 @@ def sample_counts(zoo: Path) -> tuple[int, list[int]]:
 def sample_ablation(demo: Any, levels: tuple[str, ...] = ABLATION_LEVELS) -> dict[str, Any]:
     """Table 11 on the triple: per level, measure once with the largest count, re-solve every smaller one
     from the saved statistics (no forward pass), merge and evaluate. Cached like every demo evaluation."""
-    from slta.merge import run_merge, run_solve
-
     triple = COMBOS[-1]
     n_max, counts = sample_counts(demo.zoo)
     out: dict[str, Any] = {}
@@ -111,16 +110,8 @@ def sample_ablation(demo: Any, levels: tuple[str, ...] = ABLATION_LEVELS) -> dic
         for n in counts:
             for d in range(DRAWS if n < n_max else 1):
                 key = demo.key({"config": cfg, "subset": n, "draw": d})
-                path = demo.cache / f"eval-{key}-test.json"
-                if not path.exists():
-                    if not (folder / "slta_stats.safetensors").exists():  # the one forward pass
-                        run_merge(cfg, folder, overwrite=True, device=demo.device, progress=False)
-                    sub = folder.with_name(f"{folder.name}-n{n}-d{d}")
-                    run_solve(folder / "slta_stats.safetensors", sub, num_samples=n, sample_seed=d, overwrite=True,
-                              progress=False)
-                    demo.evaluate(sub, triple, "test", key)
-                    shutil.rmtree(sub, ignore_errors=True)
-                runs.setdefault(str(n), []).append({"draw": d, "test": json.loads(path.read_text())})
+                scores = resolved_scores(demo, cfg, folder, key, triple, num_samples=n, sample_seed=d)
+                runs.setdefault(str(n), []).append({"draw": d, "test": scores})
         shutil.rmtree(folder, ignore_errors=True)
         out[level] = runs
     return {"combo": "+".join(triple), "measured_samples": n_max, "draws": DRAWS, "levels": out}
