@@ -3,8 +3,12 @@
     python benchmarks/io_floor.py OUT_FILE BASE_DIR FT_DIR [FT_DIR ...] [--mode safetensors|raw]
 
 safetensors: every tensor of every input through `safetensors.safe_open(...).get_tensor` (one handle
-    per file and layer, as a merge tool reads), the base's tensor written to OUT at its offset; this
-    is "a merge that does no arithmetic".
+    per file and layer, as a merge tool reads) and copied once, the base's tensor written to OUT at its
+    offset; this is "a merge that does no arithmetic". The copy matters: `get_tensor` returns a tensor
+    backed by the file's memory map, read from disk only where it is touched (measured on a cold
+    938 MiB file: 0.59 s for every `get_tensor`, 76 % of the file in the page cache afterwards,
+    RSS 229 MiB). Until 2026-11-30 this floor did not touch the fine-tunes' tensors, so it skipped
+    most of their reads (1B float32: 11.9 s against 23.6 s for the raw floor).
 raw: every input file read front to back in 16 MiB chunks into one reused buffer, and the base
     file's bytes written to OUT: the bytes that must move, with no per-tensor work at all.
 
@@ -55,7 +59,7 @@ def with_safetensors(out: Path, folders: list[Path]) -> None:
             tensors = []
             for folder in folders:
                 with safe_open(str(folder / "model.safetensors"), framework="pt") as st:
-                    tensors.append({n: st.get_tensor(n) for n in group})
+                    tensors.append({n: st.get_tensor(n).clone() for n in group})  # every byte read
             for n in group:
                 w.seek(start + head[n]["data_offsets"][0])
                 w.write(tensors[0][n].reshape(-1).view(torch.uint8).numpy().data)

@@ -2,11 +2,14 @@
 
 Reading: a checkpoint folder holds `model.safetensors`, sharded safetensors with
 `model.safetensors.index.json`, or `pytorch_model*.bin` (read with `weights_only=True`).
-Tensors are read on demand, a group at a time. A safetensors tensor is read with plain
-`readinto` at its byte range (from the header) straight into a freshly allocated torch
-tensor: one copy, no memory map (a long-lived map keeps every page it touched resident:
-measured 990 MB RSS reading an 800 MB file through one handle), and the read releases the
-GIL, so a background thread can read the next layer while the main thread computes.
+Tensors are read on demand, a group at a time. A safetensors tensor is a private
+(copy-on-write) memory map of its own byte range (from the header), whose pages are read in
+when it is opened (`madvise(MADV_POPULATE_READ)` through ctypes, which releases the GIL, so a
+background thread reads the next layer while the main thread computes). The tensor's memory is
+the page cache's: no copy and no freshly zeroed memory (a `readinto` a fresh tensor paid both:
+250M float32 task arithmetic spent 4.8 s of system time against 2.3 s mapped). Each map lives
+as long as its tensor, so a group's pages leave the process with the group (one long-lived map
+of the whole file would keep every page it touched: 990 MB RSS for an 800 MB file).
 
 Writing: all tensor names, shapes and the output dtype are known before the merge starts
 (they are the base model's), so the shard layout and every safetensors header can be
@@ -18,8 +21,11 @@ beside the output and are renamed into place only when the whole model is comple
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
+import mmap
 import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -199,19 +205,24 @@ class Checkpoint:
             raise CheckpointError(f"{self.label}: cannot read tensor {name} from {path} ({e})") from e
 
     def _read(self, f, path: Path, name: str, shape: tuple[int, ...], offset: int, nbytes: int) -> torch.Tensor:
-        """`nbytes` bytes at `offset` of the open file `f`, as a new tensor of `shape` (the checkpoint's dtype)."""
-        t = torch.empty(shape, dtype=self.dtypes[name])
-        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B") if nbytes else memoryview(b"")
-        done = 0
+        """`nbytes` bytes at `offset` of the open file `f` as a tensor of `shape` (the checkpoint's
+        dtype): a private map of those bytes, read in by this call (see the module docstring). Writing
+        to the tensor copies the written pages; the file never changes."""
+        dtype = self.dtypes[name]
+        if not nbytes:
+            return torch.empty(shape, dtype=dtype)
         try:
-            f.seek(offset)
-            while done < nbytes:  # one read() returns at most ~2 GiB on Linux
-                n = f.readinto(buf[done:])
-                if not n:
-                    raise CheckpointError(f"{self.label}: tensor {name} in {path} is truncated")
-                done += n
+            if os.fstat(f.fileno()).st_size < offset + nbytes:  # shrunk since opened: a map would fault (SIGBUS)
+                raise CheckpointError(f"{self.label}: tensor {name} in {path} is truncated")
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
         except OSError as e:
             raise CheckpointError(f"{self.label}: cannot read tensor {name} from {path} ({e})") from e
+        # the tensor holds a reference to the map: it is unmapped when the tensor is freed
+        t = torch.frombuffer(mapped, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start).view(shape)
+        err = _populate(t.data_ptr(), nbytes)
+        if err:
+            raise CheckpointError(f"{self.label}: cannot read tensor {name} from {path} ({os.strerror(err)})")
         return t
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -226,6 +237,29 @@ class Checkpoint:
         row = nbytes // shape[0] if shape[0] else 0
         with self._open(path, name) as f:
             return self._read(f, path, name, (stop - start, *shape[1:]), offset + start * row, (stop - start) * row)
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+: fault a range's pages in now, reading them from disk (not in Python's mmap)
+_libc: ctypes.CDLL | None = None
+
+
+def _populate(address: int, nbytes: int) -> int:
+    """Read the pages of a mapped range in now, in the calling thread without the GIL (ctypes releases it).
+    Returns 0, or the errno of a failed read (EFAULT: the file ended early, EIO: a disk error). Kernels
+    without MADV_POPULATE_READ (before 5.14, macOS) get a read-ahead hint instead, and the pages are
+    read when first touched."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = address - address % mmap.PAGESIZE
+    if _libc.madvise(start, address + nbytes - start, MADV_POPULATE_READ) == 0:
+        return 0
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # no such advice on this kernel
+        _libc.madvise(start, address + nbytes - start, mmap.MADV_WILLNEED)
+        return 0
+    return err
 
 
 def _itemsize(dtype: torch.dtype) -> int:

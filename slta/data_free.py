@@ -13,7 +13,7 @@ import torch
 from slta.architecture import Plan, TensorPlan
 from slta.checkpoint import OutputValueError, ShardedWriter, dtype_name, parse_dtype
 from slta.engine import Client, Loaded, walk
-from slta.inputs import Inputs, MergeError, all_finite
+from slta.inputs import Inputs, MergeError, all_finite, check_group
 from slta.journal import Journal
 
 
@@ -27,6 +27,7 @@ class DataFree(Client):
         self.seed = int(cfg.param("seed"))
         self.own = [e.parameters for e in cfg.models]
         self.dtype = parse_dtype(cfg.dtype) if cfg.dtype else None  # mergekit's `dtype`: the merge's arithmetic
+        self.output_checks_inputs = self.method.propagates_nonfinite  # the engine then skips its input pass
         self.desc = f"{self.method.name}: layers"
 
     def done(self, label: str) -> bool:
@@ -50,6 +51,8 @@ class DataFree(Client):
             try:  # the writer checks finiteness after the cast to the output dtype (the only pass over it)
                 writer.write(n, merged)
             except OutputValueError:
+                if self.output_checks_inputs:  # the inputs were not checked: name a non-finite one first
+                    check_group(self.ins, [{n: g[n]} for g in loaded])
                 if work == torch.float32 or all_finite(merged):
                     raise
                 # in a reduced dtype the overflow happened inside the arithmetic: say where it comes from

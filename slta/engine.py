@@ -78,12 +78,13 @@ def prefetch_limit() -> int:
     return int(env) if env else int(memory_total() * PREFETCH_FRACTION)
 
 
-def prefetched(ins: Inputs, groups: list[tuple[str, list[str]]], skip: Callable[[str], bool] = lambda label: False
-               ) -> Iterator[tuple[str, list[str], list[dict[str, torch.Tensor]] | None]]:
+def prefetched(ins: Inputs, groups: list[tuple[str, list[str]]], skip: Callable[[str], bool] = lambda label: False,
+               check: bool = True) -> Iterator[tuple[str, list[str], list[dict[str, torch.Tensor]] | None]]:
     """Yield (label, names, loaded T+1 tensors) for each group, reading the next group in a background
     thread while the caller works on this one (file reads release the GIL, so the two cores overlap
     reading and arithmetic) when both fit `prefetch_limit()`; otherwise the next group is read after
     the caller has released this one. Groups for which `skip(label)` holds are yielded unread (None).
+    Every loaded tensor is checked finite unless `check` is False (see `Client.output_checks_inputs`).
     Memory: two groups at a time when read ahead, else one."""
     todo, limit = groups, prefetch_limit()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slta-reader") as pool:
@@ -105,7 +106,7 @@ def prefetched(ins: Inputs, groups: list[tuple[str, list[str]]], skip: Callable[
             future = futures.pop(k, None)
             loaded = future.result() if future is not None else read_group(ins, names)
             submit(k + 1, names)
-            yield label, names, check_group(ins, loaded)
+            yield label, names, check_group(ins, loaded) if check else loaded
             del loaded  # before the next group is read
 
 
@@ -206,6 +207,9 @@ class Client:
 
     desc: str = "layers"  # progress bar label
     stream: Stream | None = None  # the base forward pass, for clients with calibration data
+    # True when any non-finite input entry makes an output entry non-finite, so the writer's check of
+    # the output stands in for the engine's pass over the T+1 inputs (the client then names the input)
+    output_checks_inputs: bool = False
 
     def reads(self, label: str) -> bool:
         """Whether the engine should read this group's T+1 versions (False: the client reads what it needs)."""
@@ -232,7 +236,7 @@ def walk(ins: Inputs, plan: Plan, client: Client, progress: bool = True, groups:
     thread, and hand each to the client (see the module docstring)."""
     groups = layer_groups(plan) if groups is None else groups
     skip: Callable[[str], bool] = lambda label: client.done(label) or not client.reads(label)  # noqa: E731
-    bar = tqdm(prefetched(ins, groups, skip=skip), total=len(groups), desc=client.desc, disable=not progress,
+    bar = tqdm(prefetched(ins, groups, skip=skip, check=not client.output_checks_inputs), total=len(groups), desc=client.desc, disable=not progress,
                unit="layer")
     global STAGE
     for label, names, loaded in bar:

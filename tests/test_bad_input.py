@@ -121,6 +121,33 @@ def test_nan_in_weights(tmp_path, family, method):
                  str(m), "model.layers.1.self_attn.o_proj.weight", "model.safetensors", "NaN")
 
 
+@pytest.mark.parametrize("which, value, weight, dtype", [
+    ("base", float("inf"), 0.5, None),        # inf - inf = NaN in every task vector
+    ("tuned", float("nan"), 0.0, None),       # a zero weight keeps NaN (NaN x 0 = NaN)
+    ("tuned", float("-inf"), 0.5, "bfloat16"),  # mergekit's bfloat16 arithmetic
+    ("base", float("nan"), 0.5, "float16"),
+])
+def test_task_arithmetic_names_a_non_finite_input_without_an_input_pass(tmp_path, family, which, value, weight, dtype):
+    """Task arithmetic skips the engine's finiteness pass over its inputs (a non-finite input always
+    gives a non-finite output, which the writer refuses); the error must still name the input."""
+    from slta.data_free import DataFree
+    from slta.methods import get
+
+    assert get("task_arithmetic").propagates_nonfinite and not get("ties").propagates_nonfinite
+    assert DataFree.output_checks_inputs is False  # the class default; set per method in __init__
+    root, base, tuned, data = family
+    m = copy_model(base if which == "base" else tuned[1], tmp_path / "m")
+    name = "model.layers.1.mlp.down_proj.weight"
+    _edit(m, lambda sd: sd[name].view(-1).__setitem__(3, value))
+    b, t = (m, tuned[1]) if which == "base" else (base, m)
+    cfg = yaml.safe_load(config(tmp_path, b, [tuned[0], t], data, method="task_arithmetic").read_text())
+    cfg["models"][1]["parameters"] = {"weight": weight}
+    if dtype:
+        cfg["dtype"] = dtype
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    expect_error(tmp_path, tmp_path / "c.yml", str(m), name, "model.safetensors", "non-finite")
+
+
 def test_truncated_safetensors(tmp_path, family):
     root, base, tuned, data = family
     m = copy_model(tuned[1], tmp_path / "m")

@@ -127,6 +127,45 @@ def test_fine_tunes_as_stored_give_the_bits_of_the_float32_upcast(method, weight
     assert all(torch.equal(a, b) for a, b in zip(tuned, kept))  # the inputs were not modified in place
 
 
+def mergekit_task_arithmetic(base, tuned, weights, normalize, lam):
+    """mergekit's generalized task arithmetic without sparsification, written out: in the base's dtype,
+    task vectors stacked, weighted, summed over the stack, divided, scaled, added to the base."""
+    tvs = torch.stack([t.to(base.dtype) - base if base.dtype != torch.float32 else t.float() - base for t in tuned])
+    w = torch.tensor(weights, dtype=base.dtype).reshape(-1, *([1] * base.dim()))
+    mixed = (tvs * w).sum(dim=0)
+    if normalize:
+        div = w.sum(dim=0)
+        div[div.abs() < 1e-8] = 1
+        mixed = mixed / div
+    return base + mixed * lam if lam != 1 else base + mixed
+
+
+@pytest.mark.parametrize("dtype, tuned_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("weights, normalize, lam", [([1.0, 1.0, 1.0], False, 1.0), ([1 / 3] * 3, False, 1.0),
+                                                     ([0.5, -0.2, 1.3], True, 0.7), ([1.0, -1.0, 0.0], True, 1.0)])
+@pytest.mark.parametrize("block", [7, 4096, common.BLOCK])
+def test_task_arithmetic_in_blocks_gives_mergekits_bits(dtype, tuned_dtype, weights, normalize, lam, block):
+    """Task arithmetic runs block by block on the CPU (common.plain_in_blocks): the blocks, the last
+    one partial, must give the bits of the whole-tensor formula, signed zeros included."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(301, 97, generator=g).to(dtype)
+    tuned = [(base.float() + 0.01 * torch.randn(301, 97, generator=g)).to(tuned_dtype) for _ in weights]
+    base.view(-1)[:6] = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0, -1.0]).to(dtype)
+    tuned[0].view(-1)[:6] = torch.tensor([-0.0, -0.0, 0.0, 0.0, -0.0, 0.0]).to(tuned_dtype)
+    kept = [t.clone() for t in tuned]
+    got = common.plain_in_blocks(base, tuned, weights, normalize=normalize, lam=lam, block=block)
+    ref = mergekit_task_arithmetic(base, tuned, weights, normalize, lam)
+    bits = torch.int16 if dtype != torch.float32 else torch.int32  # NaN included (float16: 1e-8 rounds to 0,
+    # so weights summing to 0 divide by 0, as in mergekit)
+    assert got.dtype == dtype and got.shape == base.shape
+    assert torch.equal(got.view(bits), ref.view(bits))
+    assert all(torch.equal(a, b) for a, b in zip(tuned, kept))  # inputs untouched
+    whole = methods.get("task_arithmetic").tensor_fn("x", base, tuned, [{"weight": w} for w in weights],
+                                                      {"lambda": lam, "normalize": normalize}, 0)
+    assert torch.equal(whole.view(bits), got.view(bits))  # the method takes this path on the CPU
+
+
 def test_task_arithmetic_defaults_and_zero_weight_sum():
     base, tuned = family(T=2)
     close(run("task_arithmetic", base, tuned, [{}, {}]), sum(taus(base, tuned)), base)  # weight 1, lambda 1

@@ -44,6 +44,10 @@ class Method:
     # the largest tensor: 2.6 GiB for a 70B MLP); and given a bfloat16/float16 base (a merge whose
     # `dtype` is that), it computes in that dtype in mergekit's order, for mergekit's bits.
     tuned_as_stored: bool = False
+    # Every input entry reaches the output through arithmetic that keeps NaN/Inf (no masks, no
+    # selection): a non-finite input always gives a non-finite output, which the writer refuses, so the
+    # data-free client skips its separate pass over the T+1 inputs (one read of every input tensor).
+    propagates_nonfinite: bool = False
 
 
 REQUIRED = object()  # marker for a parameter with no default

@@ -33,6 +33,7 @@ register(
         model_params={"weight": 1.0},
         method_params={"lambda": 1.0, "normalize": False, "int8_mask": False},
         tuned_as_stored=True,
+        propagates_nonfinite=True,  # θ_0 + λ Σ w_t (θ_t - θ_0): NaN/Inf survive every step, also × 0
         reference="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (arXiv:2212.04089)",
     )
 )
