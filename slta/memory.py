@@ -8,7 +8,8 @@ The estimate adds up what the streaming engine holds at once in each stage (slta
   (`engine.prefetch_limit`);
 - the method's float32 working set on the group's largest tensor F (data-free methods: base, T
   fine-tunes, the sum and one task vector, plus masks and a top-k temporary for the sparsifying
-  methods; `WORK` gives the multiples of F), or for the closed form the larger of its feature pass
+  methods; `WORK` gives the multiples of F; task arithmetic on the CPU works in blocks and holds only
+  its output and a converted base, `_blocked_work`), or for the closed form the larger of its feature pass
   (one version's largest submodule upcast, or the whole layer's T+1 versions when it is upcast up
   front: `features.upcast_whole_layer`) and its write pass (`write.combine`: four float32 copies);
 - the calibration activations of the closed form: every batch's hidden state, and one batch's
@@ -24,6 +25,7 @@ benchmarks/bench_70b_layers.py prints the estimate beside the measured peak (iss
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from slta.architecture import Plan, build_plan
+from slta.checkpoint import parse_dtype
 from slta.config import MergeConfig, load_config
 from slta.engine import ROW_BLOCK, group_bytes, layer_groups, prefetch_limit
 from slta.inputs import Inputs, memory_total, open_inputs, resolve_device
@@ -42,6 +45,7 @@ CUDA_CONTEXT = int(0.5 * GIB)  # CUDA's own context on the GPU
 # (which only methods without `tuned_as_stored` convert to float32):
 # base, sum, one task vector (+ magnitudes, a top-k int32 temporary and boolean masks when sparsifying,
 # + the divisor and sign masks under sign election)
+# (task arithmetic on the CPU: `_blocked_work`; on a GPU whole tensors, 3)
 WORK = {"task_arithmetic": 3, "linear": 3, "ties": 6, "dare_ties": 6, "breadcrumbs_ties": 6,
         "dare_linear": 5, "breadcrumbs": 5, "consensus_ta": 5}
 
@@ -88,7 +92,7 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
         for j, (label, names) in enumerate(groups):
             F, _ = _f32(ins, names)
             ahead = group_bytes(ins, groups[j + 1][1]) if reads_ahead[j] else 0
-            work = k * F
+            work = k * F if method != "task_arithmetic" or gpu else _blocked_work(ins, names)
             ram = BASE_RSS + group_bytes(ins, names) + ahead + F * out_item // 4
             stage = label if not label.startswith("layer") else "layers"
             est.ram[stage] = max(est.ram.get(stage, 0), ram + (0 if gpu else work + F // 2))
@@ -143,6 +147,21 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
         else:
             est.ram["scale search"] = BASE_RSS + G + ahead + search
     return est
+
+
+def _blocked_work(ins: Inputs, names: list[str]) -> int:
+    """Task arithmetic on the CPU (slta.methods.common.plain_in_blocks) holds, beyond the inputs, the
+    output in the work dtype and the base converted to it (when stored in another dtype): the work
+    dtype is the merge's `dtype`, else the inputs' promoted dtype, when that is bfloat16/float16, else
+    float32 (slta.data_free)."""
+    most = 0
+    for n in names:
+        stored = [ck.dtypes[n] for ck in ins.all]
+        dt = parse_dtype(ins.cfg.dtype) if ins.cfg.dtype else functools.reduce(torch.promote_types, stored)
+        work = dt if dt in (torch.bfloat16, torch.float16) else torch.float32
+        copies = 1 + (stored[0] != work)
+        most = max(most, math.prod(ins.base.shapes[n]) * work.itemsize * copies)
+    return most
 
 
 def _upcast_whole(nbytes: int, device: torch.device) -> bool:

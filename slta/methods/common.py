@@ -15,6 +15,7 @@ holding the T keep masks as booleans and at most four float copies of the tensor
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -164,43 +165,64 @@ def plain_in_blocks(base: torch.Tensor, tuned: list[torch.Tensor], weights: list
     Eq. 1), one block of entries at a time: per entry the same operations in the same order as the
     whole-tensor code (in float32, or in a bfloat16/float16 base's dtype as :func:`combine_in_dtype`),
     so the same bits. Whole-tensor operations stream every tensor through memory once per operation
-    (3T + 4 times for T models); in blocks each input is read from memory once and the output written once."""
+    (3T + 4 times for T models); in blocks each input is read from memory once and the output written once.
+
+    The blocks are shared out to torch's number of threads, each running single-threaded operations
+    and taking the next free block: no operation waits for a second core, which stalls whole-tensor
+    operations when another process holds one of two cores.
+    """
     reduced = base.dtype in (torch.bfloat16, torch.float16)
     n, T = base.numel(), len(tuned)
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
     o, b, ts = out.view(-1), base.reshape(-1), [t.reshape(-1) for t in tuned]
-    if reduced:  # combine_in_dtype's weights, divisor and stacked differences
+    if reduced:  # combine_in_dtype's weights and divisor
         w = torch.tensor(weights, dtype=base.dtype, device=base.device).reshape(-1, 1)
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     else:
         weight_sum = float(torch.tensor(weights, dtype=torch.float32).sum())  # float32, like mergekit
-        diff = torch.empty(min(block, n), dtype=base.dtype, device=base.device)
-    for lo in range(0, n, block):
-        hi = min(n, lo + block)
-        ob, bb = o[lo:hi], b[lo:hi]
-        if reduced:
-            deltas = base.new_empty((T, hi - lo))  # contiguous, as the stacked task vectors are
-            for i in range(T):
-                torch.sub(ts[i][lo:hi], bb, out=deltas[i])
-            deltas.mul_(w)
-            torch.sum(deltas, dim=0, out=ob)  # accumulated in float32, rounded once
-            if normalize:
-                ob.div_(divisor)
-        else:
-            d = diff[:hi - lo]
-            ob.zero_()
-            for i in range(T):
-                if ts[i].dtype == base.dtype:
-                    torch.sub(ts[i][lo:hi], bb, out=d)
-                else:  # tuned as stored (e.g. bfloat16): an exact upcast, then the float32 subtraction
-                    d.copy_(ts[i][lo:hi]).sub_(bb)
-                ob.add_(d if weights[i] == 1.0 else d.mul_(weights[i]))
-            if normalize and abs(weight_sum) >= 1e-8:
-                ob.div_(weight_sum)
-        if lam != 1:
-            ob.mul_(lam)
-        ob.add_(bb)
+    starts = iter(range(0, n, block))  # shared by the workers: next() is atomic under the GIL
+
+    def worker() -> None:
+        scratch = base.new_empty((T, block) if reduced else (block,))
+        for lo in starts:
+            hi = min(n, lo + block)
+            ob, bb = o[lo:hi], b[lo:hi]
+            if reduced:  # the stacked task vectors, contiguous (a partial block gets its own buffer)
+                deltas = scratch if hi - lo == block else base.new_empty((T, hi - lo))
+                for i in range(T):
+                    torch.sub(ts[i][lo:hi], bb, out=deltas[i])
+                deltas.mul_(w)
+                torch.sum(deltas, dim=0, out=ob)  # accumulated in float32, rounded once
+                if normalize:
+                    ob.div_(divisor)
+            else:
+                d = scratch[:hi - lo]
+                ob.zero_()
+                for i in range(T):
+                    if ts[i].dtype == base.dtype:
+                        torch.sub(ts[i][lo:hi], bb, out=d)
+                    else:  # tuned as stored (e.g. bfloat16): an exact upcast, then the float32 subtraction
+                        d.copy_(ts[i][lo:hi]).sub_(bb)
+                    ob.add_(d if weights[i] == 1.0 else d.mul_(weights[i]))
+                if normalize and abs(weight_sum) >= 1e-8:
+                    ob.div_(weight_sum)
+            if lam != 1:
+                ob.mul_(lam)
+            ob.add_(bb)
+
+    threads = torch.get_num_threads()
+    workers = max(1, min(threads, -(-n // block)))
+    if workers == 1:
+        worker()
+        return out
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(worker) for _ in range(workers)]:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
