@@ -24,9 +24,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+if TYPE_CHECKING:  # transformers takes ~1.8 s to import and configure: data-free merges never need it
+    from transformers import PretrainedConfig
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 GRANULARITIES = ("model", "layer", "attn_mlp", "head_mlp", "linear")
@@ -100,16 +103,22 @@ class Plan:
 
 
 def load_config(folder: str | Path, label: str | None = None, trust_remote_code: bool = False,
-                require_supported: bool = True) -> PretrainedConfig:
+                require_supported: bool = True) -> PretrainedConfig | JsonConfig:
     """A model folder's transformers config, with one-line errors naming `label` for a missing folder,
     a missing or unreadable config.json, or (when `require_supported`) an architecture slta cannot cut
-    into modules. Data-free methods need no cut: like mergekit, they merge any architecture."""
+    into modules. Data-free methods need no cut: like mergekit, they merge any architecture, and for
+    them a config.json that settles everything they read comes back as a JsonConfig, without
+    transformers."""
     folder = Path(folder)
     label = label or str(folder)
     if not folder.is_dir():
         raise ArchitectureError(f"{label}: model folder {folder} does not exist (check the path in the config)")
     if not (folder / "config.json").exists():
         raise ArchitectureError(f"{label}: no config.json in {folder}")
+    if not require_supported and not trust_remote_code and (light := JsonConfig.read(folder)) is not None:
+        return light
+    from transformers import AutoConfig
+
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises several error types
@@ -121,8 +130,12 @@ def load_config(folder: str | Path, label: str | None = None, trust_remote_code:
     return config
 
 
-def config_differences(a: PretrainedConfig, b: PretrainedConfig) -> list[str]:
+def config_differences(a: PretrainedConfig | JsonConfig, b: PretrainedConfig | JsonConfig) -> list[str]:
     """The architecture keys (ARCH_KEYS) on which two configs differ, as "key: a vs b"."""
+    if isinstance(a, JsonConfig) and isinstance(b, JsonConfig) and a.same_architecture(b):
+        return []
+    # the files differ somewhere (or one needed transformers): transformers' defaults decide what that means
+    a, b = (c.full() if isinstance(c, JsonConfig) else c for c in (a, b))
     da, db = a.to_dict(), b.to_dict()
     return [f"{k}: {da.get(k)!r} vs {db.get(k)!r}" for k in ARCH_KEYS if da.get(k) != db.get(k)]
 
@@ -135,6 +148,8 @@ def head_dim(config: PretrainedConfig) -> int:
 def skeleton(config: PretrainedConfig, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The model on the meta device: module classes and shapes, no memory. Layers are run
     with `torch.func.functional_call`, supplying one version's weights at a time."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.eval()
@@ -239,6 +254,56 @@ def _layer_modules(config: PretrainedConfig, i: int, tensors: list[str], granula
 def read_config_json(folder: str | Path) -> dict:
     """A model folder's config.json as a dict (as written, not through transformers)."""
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+# Keys of config.json that feed no ARCH_KEY in any SUPPORTED config class: two files that differ only
+# in these have the same architecture without asking transformers.
+NOT_ARCHITECTURE = ("_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+class JsonConfig:
+    """config.json as written, for the data-free methods, which read only `model_type`,
+    `num_hidden_layers`, `tie_word_embeddings` and `dtype` (and compare architectures). `read` returns
+    one only where the file settles each of these without transformers' per-class defaults (a
+    SUPPORTED model_type, no remote code, the keys written out); otherwise the caller asks transformers,
+    as `config_differences` does (`full`) for two files that differ in more than NOT_ARCHITECTURE keys."""
+
+    def __init__(self, folder: Path, raw: dict[str, Any]):
+        self.folder, self.raw = folder, raw
+        self.model_type: str = raw["model_type"]
+        self.num_hidden_layers: int = raw["num_hidden_layers"]
+        self.tie_word_embeddings: bool = raw["tie_word_embeddings"]
+        self.dtype: str | None = raw.get("dtype", raw.get("torch_dtype"))
+        self.architectures: list[str] | None = raw.get("architectures")
+
+    @classmethod
+    def read(cls, folder: Path) -> JsonConfig | None:
+        """The folder's config as a JsonConfig, or None where only transformers can read it exactly."""
+        try:
+            raw = read_config_json(folder)
+        except (OSError, ValueError):
+            return None  # transformers gives the error
+        if not isinstance(raw, dict) or raw.get("model_type") not in SUPPORTED or "auto_map" in raw:
+            return None
+        if not isinstance(raw.get("num_hidden_layers"), int) or not isinstance(raw.get("tie_word_embeddings"), bool):
+            return None
+        dtypes = {raw[k] for k in ("dtype", "torch_dtype") if k in raw}
+        if len(dtypes) > 1 or not dtypes <= {None, *DTYPE_NAMES}:
+            return None
+        return cls(folder, raw)
+
+    def same_architecture(self, other: JsonConfig) -> bool:
+        """True when the two files differ only in NOT_ARCHITECTURE keys (then no ARCH_KEY can differ)."""
+        keys = (set(self.raw) | set(other.raw)) - set(NOT_ARCHITECTURE)
+        return all(self.raw.get(k, ()) == other.raw.get(k, ()) for k in keys)
+
+    def full(self) -> PretrainedConfig:
+        """The same file through transformers."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.folder)
 
 
 @dataclass

@@ -170,17 +170,18 @@ def check_distances(base: Checkpoint, tuned: list[Checkpoint], base_label: str, 
             return ck.get(n)
         return ck.get_rows(n, 0, max(1, CHECK_ELEMENTS // math.prod(shape[1:])))
 
-    b = {n: rows(base, n) for n in names}
-    # squared norms accumulated in float64 per tensor, without float64 copies of the tensors
-    sq0 = {n: float(v.float().pow(2).sum(dtype=torch.float64)) for n, v in b.items()}
+    b = {n: rows(base, n).float() for n in names}
+    # float32 sums (torch's are cascaded: relative error ~1e-7 at 16M entries) are ample for a limit of
+    # 0.5 and a warning, and 25x faster than float64 accumulation (0.5 s of a 250M model's merge)
+    sq0 = {n: float(v.square().sum()) for n, v in b.items()}
     norm0 = math.sqrt(sum(sq0.values()))
     dists, signatures = [], []  # signature: Σ τ and Σ τ² per tensor; equal only for equal weights, in practice
     for ck in tuned:
         sq, worst, sig = 0.0, (0.0, names[0]), []
         for n in names:
-            tau = rows(ck, n).float() - b[n].float()
-            d2 = float(tau.pow(2).sum(dtype=torch.float64))
-            sig += [d2, float(tau.sum(dtype=torch.float64))]
+            tau = rows(ck, n).float().sub_(b[n])
+            d2 = float(tau.square().sum())
+            sig += [d2, float(tau.sum())]
             sq += d2
             rel = math.sqrt(d2 / max(sq0[n], 1e-60))
             worst = max(worst, (rel, n))
