@@ -289,8 +289,8 @@ class JsonConfig:
             return None
         if not isinstance(raw.get("num_hidden_layers"), int) or not isinstance(raw.get("tie_word_embeddings"), bool):
             return None
-        dtypes = {raw[k] for k in ("dtype", "torch_dtype") if k in raw}
-        if len(dtypes) > 1 or not dtypes <= {None, *DTYPE_NAMES}:
+        dtypes = [raw[k] for k in ("dtype", "torch_dtype") if k in raw]
+        if not all(d is None or d in DTYPE_NAMES for d in dtypes) or len(set(dtypes)) > 1:
             return None
         return cls(folder, raw)
 

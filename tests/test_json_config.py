@@ -10,7 +10,7 @@ import sys
 import pytest
 from transformers import AutoConfig, PretrainedConfig
 
-from slta.architecture import SUPPORTED, JsonConfig, config_differences, load_config
+from slta.architecture import SUPPORTED, ArchitectureError, JsonConfig, config_differences, load_config
 from slta.checkpoint import parse_dtype
 from tests.tiny import make_config, make_family, write_config
 
@@ -65,6 +65,13 @@ def test_configs_json_cannot_settle_go_through_transformers(tmp_path, edit):
     folder = saved(tmp_path, "m", "llama", FALLBACKS[edit])
     assert isinstance(load_config(folder, require_supported=False), PretrainedConfig)
     assert isinstance(load_config(folder), PretrainedConfig)  # the closed form always uses transformers
+
+
+@pytest.mark.parametrize("value", ["auto", ["bfloat16"]])
+def test_a_dtype_transformers_refuses_is_refused_by_name(tmp_path, value):
+    folder = saved(tmp_path, "m", "llama", lambda raw: raw.__setitem__("dtype", value))
+    with pytest.raises(ArchitectureError, match="m: cannot read .*config.json"):
+        load_config(folder, "m", require_supported=False)
 
 
 CHANGES = [  # (arch, key, value): architecture keys, keys that derive one, and keys that feed none
