@@ -7,6 +7,7 @@ No calibration data and no forward pass.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,17 @@ from slta.checkpoint import OutputValueError, ShardedWriter, dtype_name, parse_d
 from slta.engine import Client, Loaded, walk
 from slta.inputs import Inputs, MergeError, all_finite, check_group
 from slta.journal import Journal
+
+if TYPE_CHECKING:
+    from slta.methods import Method
+
+
+def work_dtype(method: Method, merge_dtype: torch.dtype | None, stored: list[torch.dtype]) -> torch.dtype:
+    """The dtype a tensor's arithmetic runs in. mergekit computes in the merge's `dtype` (default: the
+    inputs' promoted dtype); the combine family does too in bfloat16/float16 (same bits as mergekit),
+    the rest in float32."""
+    dt = merge_dtype or functools.reduce(torch.promote_types, stored)
+    return dt if method.tuned_as_stored and dt in (torch.bfloat16, torch.float16) else torch.float32
 
 
 class DataFree(Client):
@@ -40,10 +52,7 @@ class DataFree(Client):
         cfg, method, device, writer, plan = self.ins.cfg, self.method, self.device, self.writer, self.plan
         for n in group:
             per_model, shared = resolve_tensor_params(method, self.own, cfg.parameters, n, layer_index(n), plan.num_layers)
-            # mergekit computes in the merge's `dtype` (default: the inputs' promoted dtype); the
-            # combine family does too in bfloat16/float16 (same bits as mergekit), the rest in float32
-            dt = self.dtype or functools.reduce(torch.promote_types, (g[n].dtype for g in loaded))
-            work = dt if method.tuned_as_stored and dt in (torch.bfloat16, torch.float16) else torch.float32
+            work = work_dtype(method, self.dtype, [g[n].dtype for g in loaded])
             base = loaded[0][n].to(device, work)
             tuned = [g[n].to(device, None if method.tuned_as_stored and work == torch.float32 else work)
                      for g in loaded[1:]]

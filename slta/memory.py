@@ -25,7 +25,6 @@ benchmarks/bench_70b_layers.py prints the estimate beside the measured peak (iss
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from slta.architecture import Plan, build_plan
 from slta.checkpoint import parse_dtype
 from slta.config import MergeConfig, load_config
+from slta.data_free import work_dtype
 from slta.engine import ROW_BLOCK, group_bytes, layer_groups, prefetch_limit
 from slta.inputs import Inputs, memory_total, open_inputs, resolve_device
 
@@ -151,14 +151,13 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
 
 def _blocked_work(ins: Inputs, names: list[str]) -> int:
     """Task arithmetic on the CPU (slta.methods.common.plain_in_blocks) holds, beyond the inputs, the
-    output in the work dtype and the base converted to it (when stored in another dtype): the work
-    dtype is the merge's `dtype`, else the inputs' promoted dtype, when that is bfloat16/float16, else
-    float32 (slta.data_free)."""
+    output in the work dtype (slta.data_free.work_dtype) and the base converted to it (when stored in
+    another dtype)."""
+    method, merge_dtype = ins.cfg.method(), parse_dtype(ins.cfg.dtype) if ins.cfg.dtype else None
     most = 0
     for n in names:
         stored = [ck.dtypes[n] for ck in ins.all]
-        dt = parse_dtype(ins.cfg.dtype) if ins.cfg.dtype else functools.reduce(torch.promote_types, stored)
-        work = dt if dt in (torch.bfloat16, torch.float16) else torch.float32
+        work = work_dtype(method, merge_dtype, stored)
         copies = 1 + (stored[0] != work)
         most = max(most, math.prod(ins.base.shapes[n]) * work.itemsize * copies)
     return most

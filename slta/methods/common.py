@@ -253,8 +253,9 @@ def combine(
     """
     if not tuned:
         return base.clone()
-    if sparsify is None and not sign_consensus and base.device.type == "cpu":
-        return plain_in_blocks(base, tuned, weights, normalize=normalize, lam=lam)
+    if sparsify is None and not sign_consensus:  # task arithmetic: cache-sized blocks on the CPU, whole on a GPU
+        block = BLOCK if base.device.type == "cpu" else max(1, base.numel())
+        return plain_in_blocks(base, tuned, weights, normalize=normalize, lam=lam, block=block)
     if base.dtype in (torch.bfloat16, torch.float16):
         return combine_in_dtype(base, tuned, weights, sparsify, sign_consensus=sign_consensus, normalize=normalize,
                                 lam=lam)
