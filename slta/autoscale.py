@@ -119,6 +119,7 @@ class ScaleSearch(Client):
                     inside = (nxt[k] >= lo) & (nxt[k] < hi)
                     got = logits.gather(-1, (nxt[k] - lo).clamp(0, hi - lo - 1)[..., None])[..., 0]
                     picked[j][k] += torch.where(inside, got.double(), 0.0)
+            del blocks  # before the next block is read
         for j in range(len(self.alphas)):
             for k, b in enumerate(batches):
                 self._add(j, b, lse[j][k] - picked[j][k])

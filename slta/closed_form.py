@@ -252,6 +252,7 @@ def head_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], st
         check_finite(ins, weight, blocks)
         for b in batches:
             store.add(module, [x @ w.T for x, w in zip(xs[id(b)], blocks)], b)
+        del blocks  # before the next block is read (measured at 70B: 5.13 GiB held, 3.31 estimated)
 
 
 def slta_report(cfg: MergeConfig, plan: Plan, res: SltaResult) -> dict[str, Any]:

@@ -159,6 +159,8 @@ def embed_stage(ins: Inputs, plan: Plan, runner: Runner, batches: list[Batch], s
                     b.hv[v] += rows[v]
             elif store is not None:
                 store.add(module, rows, b, valid=sel)
+        # before the next block is read: `blocks = [...]` would hold both (2 x T+1 blocks, 4 GiB at 70B)
+        del blocks
     if model_level:
         for b in batches:
             b.h = b.hv[0]

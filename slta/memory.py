@@ -15,7 +15,8 @@ The estimate adds up what the streaming engine holds at once in each stage (slta
 - the calibration activations of the closed form: every batch's hidden state, and one batch's
   working set (T+1 block outputs, the MLP's intermediate activations, the attention scores, the
   float64 feature differences of the Gram); at the head, every version's normalised hidden states
-  and one block of ROW_BLOCK vocabulary rows per version;
+  and one block of ROW_BLOCK vocabulary rows per version; the embedding and head stages also
+  write their tensors in such row blocks (every version's block as stored, four float32 copies);
 - with `scale: auto`, a second walk (slta.autoscale): one hidden state per candidate scale and batch,
   the merged layer and one batch's working set.
 
@@ -115,6 +116,10 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
     blocks = T1 * min(ROW_BLOCK, vocab) * H * 4
     embed = hidden_all + blocks + T1 * b * s * H * 4 + (T1 - 1) * b * s * H * 8
     head = hidden_all + T1 * all_tokens * H * 4 + blocks + b * s * min(ROW_BLOCK, vocab) * (T1 * 4 + (T1 - 1) * 8)
+    # writing the embedding and the head (slta.write.write_alpha_tensors): one row block of every version as
+    # stored, `combine`'s four float32 copies of it, its cast to the output dtype and the one in flight
+    stored = ins.base.dtypes[plan.tensor_order[0]].itemsize
+    write_rows = min(ROW_BLOCK, vocab) * H * (T1 * stored + 4 * 4 + 2 * out_item)
     layer_names = groups[1][1]
     F, one = _f32(ins, layer_names)
     whole = _upcast_whole(one * T1, device)
@@ -133,8 +138,8 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
         est.vram = {"embed": CUDA_CONTEXT + embed, "layers": CUDA_CONTEXT + feats, "head": CUDA_CONTEXT + head}
     else:
         # the engine reads layer 0 while the embedding stage (row blocks, its own reads) runs
-        est.ram = {"embed": BASE_RSS + embed + G, "layers": BASE_RSS + G + ahead + max(feats, write + hidden_all),
-                   "head": BASE_RSS + head}
+        est.ram = {"embed": BASE_RSS + max(embed, write_rows) + G,
+                   "layers": BASE_RSS + G + ahead + max(feats, write + hidden_all), "head": BASE_RSS + max(head, write_rows)}
     if cfg.param("scale") == "auto":  # the second walk (slta.autoscale): every candidate's hidden states
         from slta.autoscale import AUTO_SCALES
 

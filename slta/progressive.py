@@ -164,3 +164,4 @@ def merged_embedding_input(client: Any, alpha: np.ndarray) -> None:
             sel = (b.ids >= lo) & (b.ids < hi) & b.valid
             if sel.any():
                 b.h += merged[(b.ids - lo).clamp(0, hi - lo - 1)] * sel[..., None]
+        del blocks, merged  # before the next block is read

@@ -66,6 +66,7 @@ def write_alpha_tensors(ins: Inputs, plan: Plan, writer: ShardedWriter, alphas: 
             blocks = [ck.get_rows(n, lo, hi) for ck in ins.all]
             check_finite(ins, n, blocks)
             writer.write(n, combine(n, blocks[0], blocks[1:], parts[n], alphas, (lo, hi)), row_offset=lo)
+            del blocks  # before the next block is read
 
 
 class AlphaWriter(Client):
