@@ -115,7 +115,7 @@ def load_config(folder: str | Path, label: str | None = None, trust_remote_code:
         raise ArchitectureError(f"{label}: model folder {folder} does not exist (check the path in the config)")
     if not (folder / "config.json").exists():
         raise ArchitectureError(f"{label}: no config.json in {folder}")
-    if not require_supported and not trust_remote_code and (light := JsonConfig.read(folder)) is not None:
+    if not require_supported and not trust_remote_code and (light := JsonConfig.read(folder, label)) is not None:
         return light
     from transformers import AutoConfig
 
@@ -270,8 +270,8 @@ class JsonConfig:
     SUPPORTED model_type, no remote code, the keys written out); otherwise the caller asks transformers,
     as `config_differences` does (`full`) for two files that differ in more than NOT_ARCHITECTURE keys."""
 
-    def __init__(self, folder: Path, raw: dict[str, Any]):
-        self.folder, self.raw = folder, raw
+    def __init__(self, folder: Path, raw: dict[str, Any], label: str):
+        self.folder, self.raw, self.label = folder, raw, label
         self.model_type: str = raw["model_type"]
         self.num_hidden_layers: int = raw["num_hidden_layers"]
         self.tie_word_embeddings: bool = raw["tie_word_embeddings"]
@@ -279,7 +279,7 @@ class JsonConfig:
         self.architectures: list[str] | None = raw.get("architectures")
 
     @classmethod
-    def read(cls, folder: Path) -> JsonConfig | None:
+    def read(cls, folder: Path, label: str) -> JsonConfig | None:
         """The folder's config as a JsonConfig, or None where only transformers can read it exactly."""
         try:
             raw = read_config_json(folder)
@@ -292,7 +292,7 @@ class JsonConfig:
         dtypes = [raw[k] for k in ("dtype", "torch_dtype") if k in raw]
         if not all(d is None or d in DTYPE_NAMES for d in dtypes) or len(set(dtypes)) > 1:
             return None
-        return cls(folder, raw)
+        return cls(folder, raw, label)
 
     def same_architecture(self, other: JsonConfig) -> bool:
         """True when the two files differ only in NOT_ARCHITECTURE keys (then no ARCH_KEY can differ)."""
@@ -300,10 +300,8 @@ class JsonConfig:
         return all(self.raw.get(k, ()) == other.raw.get(k, ()) for k in keys)
 
     def full(self) -> PretrainedConfig:
-        """The same file through transformers."""
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(self.folder)
+        """The same file through transformers (its errors named as `load_config` names them)."""
+        return load_config(self.folder, self.label)
 
 
 @dataclass

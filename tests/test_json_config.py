@@ -104,3 +104,12 @@ def test_a_data_free_merge_never_imports_transformers(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_file_transformers_refuses_is_named_when_the_comparison_needs_transformers(tmp_path):
+    a = saved(tmp_path, "a", "llama")
+    b = saved(tmp_path, "b", "llama", lambda raw: raw.__setitem__("num_attention_heads", 5))  # 32 % 5 != 0
+    la, lb = load_config(a, "base_model A", require_supported=False), load_config(b, "model B", require_supported=False)
+    assert isinstance(lb, JsonConfig)  # config.json alone does not know transformers' validation
+    with pytest.raises(ArchitectureError, match=r"model B: cannot read .*b/config.json"):
+        config_differences(la, lb)
