@@ -276,7 +276,6 @@ class JsonConfig:
         self.num_hidden_layers: int = raw["num_hidden_layers"]
         self.tie_word_embeddings: bool = raw["tie_word_embeddings"]
         self.dtype: str | None = raw.get("dtype", raw.get("torch_dtype"))
-        self.architectures: list[str] | None = raw.get("architectures")
 
     @classmethod
     def read(cls, folder: Path, label: str) -> JsonConfig | None:

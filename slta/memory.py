@@ -133,8 +133,9 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
     est.notes.append(f"calibration: {len(lengths)} samples, longest {s} tokens, {b} per batch, "
                      f"{all_tokens} padded tokens")
     if gpu:
-        est.ram = {"embed": BASE_RSS + G + T1 * min(ROW_BLOCK, vocab) * H * ins.base.dtypes[plan.tensor_order[0]].itemsize,
-                   "layers": BASE_RSS + G + ahead + write, "head": BASE_RSS + write}
+        # the embedding and head are written from row blocks on the CPU, whatever the device
+        est.ram = {"embed": BASE_RSS + G + write_rows, "layers": BASE_RSS + G + ahead + write,
+                   "head": BASE_RSS + max(write, write_rows)}
         est.vram = {"embed": CUDA_CONTEXT + embed, "layers": CUDA_CONTEXT + feats, "head": CUDA_CONTEXT + head}
     else:
         # the engine reads layer 0 while the embedding stage (row blocks, its own reads) runs
