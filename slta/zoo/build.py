@@ -35,12 +35,15 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from slta.output import check_output
 from slta.zoo import tasks
+from slta.zoo import real_base
 from slta.zoo.chat import CHAT_SIZES, build_chat
+from slta.zoo.smollm2 import SMOLLM2_SIZES, build_smollm2
 from slta.zoo.tokenizer import train_tokenizer
 from slta.zoo.train import encode_examples, make_model, packed_batches, sft_batches, train_loop
 
 # Bump when the generator code changes in a way that changes the output: cached zoos rebuild.
 GENERATOR_VERSION = "zoo-3"
+SMOLLM2_VERSION = "smollm2-1"  # the smollm2 kind's own (its data and fine-tuning code)
 
 SIZES: dict[str, dict] = {
     "tiny": dict(
@@ -78,23 +81,32 @@ SIZES: dict[str, dict] = {
 MODEL_DIRS = ("base", *tasks.TASKS)
 
 
-KINDS = ("hard", "chat")
+KINDS = ("hard", "chat", "smollm2")
 
 
-def recipe_for(size: str, seed: int, overrides: dict | None = None, kind: str = "hard") -> dict:
-    """The recipe of one zoo. The seed drives everything: data, pre-training, fine-tuning."""
-    if size not in SIZES:
-        raise ValueError(f"unknown zoo size {size!r}; known: {', '.join(SIZES)}")
+def recipe_for(size: str, seed: int, overrides: dict | None = None, kind: str = "hard",
+               base_sha256: str | None = None) -> dict:
+    """The recipe of one zoo. The seed drives everything: data, pre-training, fine-tuning.
+    ``base_sha256``: the smollm2 kind's GGUF when it is not the pinned file (a test's own)."""
     if kind not in KINDS:
         raise ValueError(f"unknown zoo kind {kind!r}; known: {', '.join(KINDS)}")
-    known = dict(SIZES[size], **(CHAT_SIZES[size] if kind == "chat" else {}))
+    sizes = SMOLLM2_SIZES if kind == "smollm2" else SIZES
+    if size not in sizes:
+        raise ValueError(f"unknown {kind} zoo size {size!r}; known: {', '.join(sizes)}")
+    if kind == "smollm2":  # a real base: its identity is the GGUF file's hash
+        known = SMOLLM2_SIZES[size]
+    else:
+        known = dict(SIZES[size], **(CHAT_SIZES[size] if kind == "chat" else {}))
     unknown = set(overrides or {}) - set(known)
     if unknown:
         raise ValueError(f"unknown zoo recipe keys: {', '.join(sorted(unknown))}")
     params = dict(known, **(overrides or {}))
     recipe = {"version": GENERATOR_VERSION, "size": size, "seed": seed, "params": params}
-    if kind == "chat":  # the hard recipe's hash is left as it was before kinds existed
+    if kind != "hard":  # the hard recipe's hash is left as it was before kinds existed
         recipe["kind"] = kind
+    if kind == "smollm2":
+        recipe["version"] = SMOLLM2_VERSION
+        recipe["base_sha256"] = base_sha256 or real_base.SHA256
     return recipe
 
 
@@ -248,6 +260,7 @@ def build_zoo(
     kind: str = "hard",
     hard_zoo: str | Path | None = None,
     base_only: bool = False,
+    base_gguf: str | Path | None = None,
 ) -> Path:
     """Builds (or reuses) the demo zoo in ``out_dir`` and returns its path.
 
@@ -264,6 +277,8 @@ def build_zoo(
     threads measured 3-4x slower than 1 (13 vs 42 steps/s on the tiny model).
     """
     out_dir = Path(out_dir)
+    if kind == "smollm2":
+        return _build_smollm2_zoo(out_dir, size, seed, force, progress, overrides, threads, base_gguf)
     recipe = recipe_for(size, seed, overrides, kind)
     if not force and (is_built(out_dir, recipe) or (base_only and has_base(out_dir, recipe))):
         return out_dir
@@ -301,4 +316,34 @@ def build_zoo(
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _build_smollm2_zoo(out_dir: Path, size: str, seed: int, force: bool, progress: bool, overrides: dict | None,
+                       threads: int, base_gguf: str | Path | None) -> Path:
+    """The smollm2 kind (slta.zoo.smollm2): built in stages in ``OUT.partial`` that a stopped build
+    resumes from, moved to ``OUT`` once complete. ``base_gguf``: the GGUF file, instead of the wheel's."""
+    if base_gguf is not None and not Path(base_gguf).is_file():
+        raise real_base.ZooError(f"--base-gguf {base_gguf}: no such file")
+    recipe = recipe_for(size, seed, overrides, "smollm2",
+                        real_base.sha256_file(Path(base_gguf)) if base_gguf else None)
+    if not force and is_built(out_dir, recipe):
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "zoo.json").exists():
+        raise FileExistsError(f"{out_dir} exists and is not a zoo (no zoo.json); refusing to overwrite it")
+    check_output(out_dir, overwrite=True)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    if force:
+        shutil.rmtree(work, ignore_errors=True)
+    elif out_dir.exists() and not work.exists():
+        out_dir.rename(work)  # a rebuild under a new recipe keeps the stages that still match (the base)
+    t0 = time.perf_counter()
+    with deterministic(threads):
+        meta = build_smollm2(work, recipe, progress, write_jsonl, base_gguf)
+        meta = {"recipe": recipe, "recipe_hash": recipe_hash(recipe), "torch_threads": torch.get_num_threads(),
+                "build_seconds_this_run": time.perf_counter() - t0, **meta}
+    (work / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    work.rename(out_dir)
     return out_dir

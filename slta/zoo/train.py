@@ -48,6 +48,8 @@ def train_loop(
     progress: bool = True,
     stop_loss: float | None = None,
     max_steps: int | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[float]:
     """AdamW with linear warmup then cosine decay to 10% of lr over ``steps``; returns the loss per step.
 
@@ -58,6 +60,10 @@ def train_loop(
     ``max_steps``: the target is the loss, not a step count (on a CPU whose float rounding
     differs, the same recipe can need more steps). Runs that stop within ``steps`` are
     unchanged by ``max_steps``.
+
+    ``loss_fn(model, input_ids, attention_mask, labels)`` replaces the model's own loss (the
+    smollm2 kind computes logits only where the loss is taken). ``autocast`` runs the forward
+    pass in that dtype (mixed precision: the weights and the optimizer stay in float32).
     """
     # No weight decay on norms (1-d tensors), as usual for Llama-style training.
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -82,7 +88,11 @@ def train_loop(
         input_ids, attention_mask, labels = get_batch(step)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            if loss_fn is None:
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            else:
+                loss = loss_fn(model, input_ids, attention_mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

