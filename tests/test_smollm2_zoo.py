@@ -248,3 +248,17 @@ def test_tiny_zoo_builds_resumes_and_merges(tiny_gguf, tmp_path, monkeypatch):
     run_merge(cfg, tmp_path / "merged", progress=False)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert merged.config.tie_word_embeddings
+
+
+def test_tiny_smollm2_demo(tiny_gguf, tmp_path):
+    """`slta demo --zoo-kind smollm2` end to end on the test's GGUF: zoo, merges, evaluation, table."""
+    path, _, _ = tiny_gguf
+    done = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "smollm2",
+                           "--base-gguf", str(path), "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"),
+                           "--methods", "weight_average,task_arithmetic,slta", "--seeds", "1", "-q"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== smollm2 kind, zoo seeds 0 ==" in done.stdout and "Task Arithmetic" in done.stdout
+    study = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
+    assert json.loads((tmp_path / "zoo" / "smollm2-seed0" / "zoo.json").read_text())["recipe"]["kind"] == "smollm2"
+    assert study["kinds"]["smollm2"]["table"]
