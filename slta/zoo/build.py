@@ -339,7 +339,7 @@ def _build_smollm2_zoo(out_dir: Path, size: str, seed: int, force: bool, progres
         out_dir.rename(work)  # a rebuild under a new recipe keeps the stages that still match (the base)
     t0 = time.perf_counter()
     with deterministic(threads):
-        meta = build_smollm2(work, recipe, progress, write_jsonl, base_gguf)
+        meta = build_smollm2(work, recipe, recipe_hash(recipe), progress, write_jsonl, base_gguf)
         meta = {"recipe": recipe, "recipe_hash": recipe_hash(recipe), "torch_threads": torch.get_num_threads(),
                 "build_seconds_this_run": time.perf_counter() - t0, **meta}
     (work / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -141,9 +141,10 @@ def write_task_data(folder: Path, tok, split: dict[str, list[dict]], write_jsonl
                                                "answer": e["answer"]} for e in split[name]])
 
 
-def build_smollm2(work: Path, recipe: dict, progress: bool, write_jsonl, base_gguf: Path | None = None,
+def build_smollm2(work: Path, recipe: dict, stamp: str, progress: bool, write_jsonl, base_gguf: Path | None = None,
                   cache: Path | None = None) -> dict:
-    """Builds (or resumes) the smollm2 zoo in ``work``; returns the metadata for zoo.json."""
+    """Builds (or resumes) the smollm2 zoo in ``work``; returns the metadata for zoo.json. ``stamp``
+    (the recipe's hash) marks the stages that depend on the whole recipe: the data and fine-tunes."""
     from transformers import AutoTokenizer
 
     require_gguf_support()
@@ -162,9 +163,6 @@ def build_smollm2(work: Path, recipe: dict, progress: bool, write_jsonl, base_gg
     timings["base"] = time.perf_counter() - t
     tok = AutoTokenizer.from_pretrained(work / "base")
 
-    from slta.zoo.build import recipe_hash  # the data and fine-tunes depend on the whole recipe
-
-    stamp = recipe_hash(recipe)
     t = time.perf_counter()
     splits = make_task_data(p, seed)
     if not stage_done(work / "data", stamp):
