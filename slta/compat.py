@@ -1,7 +1,8 @@
 """The one place where the transformers releases slta supports (pyproject.toml) differ for slta.
 
 Everything else slta uses from transformers (the decoder layers' `position_embeddings` argument,
-`from_pretrained(dtype=...)`, the model classes) is the same from 5.0 to the newest 5.x tested.
+`from_pretrained(dtype=...)`, the model classes) works unchanged from 5.0.0, CI's low end, to the newest
+5.x, its high end.
 """
 
 from __future__ import annotations
