@@ -15,9 +15,10 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.slta-setup-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
 
 # the core subset the low end runs: merge references at every granularity, engine, adapters, evaluate,
-# mergekit parity, the transformers compatibility shim (the full suite, on the newest releases, is `make test`)
+# mergekit parity, the transformers compatibility shim, config reading through transformers (the full
+# suite, on the newest releases, is `make test`)
 CORE_TESTS := tests/test_merge_reference.py tests/test_engine.py tests/test_adapters.py \
-	tests/test_evaluate.py tests/test_mergekit_parity.py tests/test_compat.py
+	tests/test_evaluate.py tests/test_mergekit_parity.py tests/test_compat.py tests/test_json_config.py
 LOW_VENV ?= .venv-low
 LOW_PY := $(LOW_VENV)/bin/python
 LOW_STAMP := $(LOW_VENV)/.slta-setup-lowest-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
