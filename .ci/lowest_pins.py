@@ -20,8 +20,9 @@ def lowest_pins(pyproject: Path) -> list[str]:
     pins = []
     for line in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*([^;\[]*)", line.strip())
-        lows = [s.strip()[2:].strip() for s in (m.group(2).split(",") if m else []) if s.strip().startswith(">=")]
-        if len(lows) != 1:
+        specs = [s.strip() for s in m.group(2).split(",")] if m else []
+        lows = [s[2:].strip() for s in specs if s.startswith(">=")]
+        if m is None or len(lows) != 1:
             raise SystemExit(f"lowest_pins: {line!r} is not `name>=low[,<high]` with one lower bound")
         pins.append(f"{m.group(1)}=={lows[0]}")
     return pins
