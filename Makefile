@@ -3,6 +3,9 @@
 # They install into the active virtual environment (VIRTUAL_ENV) if there is one, else into the
 # project's own .venv: Debian/Ubuntu's system Python refuses global pip installs (PEP 668,
 # "externally-managed-environment"). `make test VENV=path` picks another one.
+#
+# CI (.ci/run) also runs `make test-lowest`: the core tests in a second venv (.venv-low) holding
+# every runtime requirement at its lower bound in pyproject.toml, and `make check-install`.
 SYSTEM_PY ?= python3
 VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
@@ -11,7 +14,16 @@ TORCH_VERSION ?= 2.13.0
 # several checkouts, each needing its own editable install.
 STAMP := $(VENV)/.slta-setup-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup test demo
+# the core subset the low end runs: merge references at every granularity, engine, adapters, evaluate,
+# mergekit parity, the transformers compatibility shim, config reading through transformers (the full
+# suite, on the newest releases, is `make test`)
+CORE_TESTS := tests/test_merge_reference.py tests/test_engine.py tests/test_adapters.py \
+	tests/test_evaluate.py tests/test_mergekit_parity.py tests/test_compat.py tests/test_json_config.py
+LOW_VENV ?= .venv-low
+LOW_PY := $(LOW_VENV)/bin/python
+LOW_STAMP := $(LOW_VENV)/.slta-setup-lowest-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
+
+.PHONY: setup test demo setup-lowest test-lowest check-install
 
 setup: $(STAMP)
 
@@ -26,6 +38,25 @@ test: setup
 	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh mergekit   # mergekit 0.1.5 in .venv-mergekit: the parity tests' peer
 	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh lmeval     # lm-eval in .venv-lmeval: runs examples/lm_eval/
 	"$(PY)" -m pytest
+
+# pip into a venv holding the newest transformers keeps it (.ci/install_keeps.py)
+check-install: setup
+	"$(PY)" .ci/install_keeps.py
+
+setup-lowest: $(LOW_STAMP)
+
+$(LOW_STAMP): pyproject.toml .ci/lowest_pins.py
+	@[ -x "$(LOW_PY)" ] || $(SYSTEM_PY) -m venv "$(LOW_VENV)" || { echo "make: cannot create $(LOW_VENV)" >&2; exit 1; }
+	"$(LOW_PY)" -m pip install -q "torch==$(TORCH_VERSION)"   # CPU build first, so nothing pulls a CUDA torch
+	"$(LOW_PY)" .ci/lowest_pins.py > "$(LOW_VENV)/lowest-pins.txt"
+	"$(LOW_PY)" -m pip install -q -c "$(LOW_VENV)/lowest-pins.txt" -e ".[test]"
+	"$(LOW_PY)" .ci/lowest_pins.py --check
+	@touch "$@"
+
+test-lowest: setup-lowest
+	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh mergekit   # the parity tests' peer (shared with `make test`)
+	"$(LOW_PY)" .ci/lowest_pins.py --check   # the venv may have changed since its setup
+	"$(LOW_PY)" -m pytest $(CORE_TESTS)
 
 demo: setup
 	"$(PY)" -m slta.cli demo

@@ -22,6 +22,7 @@ from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from slta.architecture import Module, Plan, head_dim, skeleton
+from slta.compat import build_mask
 
 
 @dataclass
@@ -93,13 +94,12 @@ class Runner:
                 pos = torch.arange(s, device=self.device)[None]
                 dummy = torch.empty(len(chunk), s, self.config.hidden_size, device=self.device, dtype=self.dtype)
                 attn_masks = {}
-                # `cache`, not `past_key_values`: that name is deprecated and goes in transformers 5.40
-                kw = dict(config=self.config, inputs_embeds=dummy, attention_mask=valid.long(),
-                          cache=None, position_ids=pos)
                 if "full_attention" in types:
-                    attn_masks["full_attention"] = create_causal_mask(**kw)
+                    attn_masks["full_attention"] = build_mask(create_causal_mask, self.config, dummy,
+                                                              valid.long(), pos)
                 if "sliding_attention" in types:
-                    attn_masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+                    attn_masks["sliding_attention"] = build_mask(create_sliding_window_causal_mask, self.config,
+                                                                 dummy, valid.long(), pos)
                 batches.append(Batch(t, [offset + j for j in chunk], ids, valid, pos,
                                      self.rotary(dummy, pos), attn_masks,
                                      count=None if count is None else count.to(self.device)))

@@ -108,7 +108,10 @@ def test_a_data_free_merge_never_imports_transformers(tmp_path):
 
 def test_a_file_transformers_refuses_is_named_when_the_comparison_needs_transformers(tmp_path):
     a = saved(tmp_path, "a", "llama")
-    b = saved(tmp_path, "b", "llama", lambda raw: raw.__setitem__("num_attention_heads", 5))  # 32 % 5 != 0
+    # linear RoPE scaling without its `factor`: every supported transformers refuses it (5.0.0 still
+    # accepts heads that do not divide hidden_size, which later releases refuse)
+    b = saved(tmp_path, "b", "llama",
+              lambda raw: raw.__setitem__("rope_parameters", {"rope_type": "linear", "rope_theta": 10000.0}))
     la, lb = load_config(a, "base_model A", require_supported=False), load_config(b, "model B", require_supported=False)
     assert isinstance(lb, JsonConfig)  # config.json alone does not know transformers' validation
     with pytest.raises(ArchitectureError, match=r"model B: cannot read .*b/config.json"):
