@@ -262,3 +262,21 @@ def test_tiny_smollm2_demo(tiny_gguf, tmp_path):
     study = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
     assert json.loads((tmp_path / "zoo" / "smollm2-seed0" / "zoo.json").read_text())["recipe"]["kind"] == "smollm2"
     assert study["kinds"]["smollm2"]["table"]
+
+
+def test_a_tokenizer_read_with_the_wrong_end_token_is_refused(tiny_gguf, tmp_path, monkeypatch):
+    """transformers before 5.18 reads SmolLM2's GGUF tokenizer with <|im_start|> as its end token."""
+    import transformers
+
+    path, _, _ = tiny_gguf
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def misread(*a, **kw):
+        tok = real(*a, **kw)
+        tok.eos_token = "<|im_start|>"
+        return tok
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", misread)
+    with pytest.raises(ZooError, match=r"wrong special tokens: eos 1 \(the file says 2\).*transformers>=5.18") as e:
+        convert_gguf(path, tmp_path / "base")
+    assert str(path) in str(e.value) and not (tmp_path / "base").exists()

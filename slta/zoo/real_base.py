@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from importlib.metadata import version as _version
 import shutil
 import subprocess
 import sys
@@ -114,10 +115,17 @@ def convert_gguf(gguf_path: Path, out: Path) -> dict:
         raise ZooError(f"{gguf_path}: transformers cannot load it as a GGUF model ({first})") from None
     if loaded.config.model_type != "llama":
         raise ZooError(f"{gguf_path}: a {loaded.config.model_type!r} model; the smollm2 zoo kind takes a Llama GGUF")
-    config = loaded.config
-    del config.quantization_config  # what makes transformers refuse save_pretrained
-    config._name_or_path = ""  # the GGUF's general.name is not a path
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers before 5.18 builds this file's tokenizer with <|im_start|> as its end token (and
+    # before 5.10 also splits text differently): the model would learn to stop on the wrong token
+    ids = {"bos": (tok.bos_token_id, loaded.config.bos_token_id), "eos": (tok.eos_token_id, loaded.config.eos_token_id)}
+    wrong = [f"{k} {a} (the file says {b})" for k, (a, b) in ids.items() if b is not None and a != b]
+    if wrong:
+        raise ZooError(f"{gguf_path}: transformers {_version('transformers')} reads its tokenizer with the wrong "
+                       f"special tokens: {', '.join(wrong)}; pip install 'slta[zoo]' (transformers>=5.18)")
+    # a fresh config without `quantization_config` (which makes save_pretrained refuse; not every
+    # release sets it) and without `_name_or_path` (the GGUF's general.name, not a path)
+    kept = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
+    model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(kept), dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id, do_sample=False)
