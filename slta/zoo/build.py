@@ -92,7 +92,7 @@ def recipe_for(size: str, seed: int, overrides: dict | None = None, kind: str = 
         raise ValueError(f"unknown zoo kind {kind!r}; known: {', '.join(KINDS)}")
     sizes = SMOLLM2_SIZES if kind == "smollm2" else SIZES
     if size not in sizes:
-        raise ValueError(f"unknown {kind} zoo size {size!r}; known: {', '.join(sizes)}")
+        raise ValueError(f"unknown zoo size {size!r} for the {kind} kind; known: {', '.join(sizes)}")
     if kind == "smollm2":  # a real base: its identity is the GGUF file's hash
         known = SMOLLM2_SIZES[size]
     else:
