@@ -10,7 +10,8 @@ Layout of ``out_dir``::
     data/{task}/test.jsonl      {"prompt", "answer"}: held-out test set (chat kind: the prompt
                                 is the chat template's rendering)
 
-Two kinds: ``hard`` (here) and ``chat`` (slta.zoo.chat, built on the hard zoo of the same seed).
+Three kinds: ``hard`` (here), ``chat`` (slta.zoo.chat, built on the hard zoo of the same seed) and
+``smollm2`` (slta.zoo.smollm2: a real base from PyPI, built in resumable stages).
 Everything is a deterministic function of the recipe (kind, size preset, overrides, seed,
 generator version) and the torch thread count, on one machine: the seed drives the data, the
 base's initialisation and pre-training batches, and the fine-tunes' batches. Another CPU can
