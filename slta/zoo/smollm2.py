@@ -176,7 +176,7 @@ def build_smollm2(work: Path, recipe: dict, stamp: str, progress: bool, write_js
     timings["data"] = time.perf_counter() - t
 
     fine_tunes: dict[str, dict] = {}
-    for i, task in enumerate(tasks.TASKS):
+    for task in tasks.TASKS:
         t = time.perf_counter()
         if not stage_done(work / task, stamp):
             done = fine_tune(work / "base", task, splits[task]["train"], p, seed, progress, work / task)
