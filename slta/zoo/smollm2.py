@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from slta.zoo import tasks
-from slta.zoo.chat import epoch_batches, messages, render_prompt
+from slta.zoo.chat import epoch_batches, messages, render_prompt, write_task_data
 from slta.zoo.real_base import ZooError, convert_gguf, fetch_gguf, require_gguf_support, sha256_file
 from slta.zoo.train import IGNORE, train_loop
 
@@ -100,7 +100,8 @@ def relative_norm(model, base_dir: Path) -> float:
 
 
 def fine_tune(base_dir: Path, task: str, train: list[dict], p: dict, seed: int, progress: bool, out: Path) -> dict:
-    """One full fine-tune of the base on one task, saved to ``out``; returns its loss curve and ‖τ‖/‖θ‖.
+    """One full fine-tune of the base on one task, saved beside ``out`` (returned as ``tmp``, for the
+    caller to stamp and move into place); returns also its loss curve and ‖τ‖/‖θ‖.
     Every task has the same schedule and the same batch order by index (the seed's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,14 +136,6 @@ def _finish_stage(tmp: Path, folder: Path, stamp: str, info: dict) -> None:
     tmp.rename(folder)
 
 
-def write_task_data(folder: Path, tok, split: dict[str, list[dict]], write_jsonl) -> None:
-    """calib.jsonl in the ``messages`` form; val/test.jsonl with prompts rendered by the template."""
-    write_jsonl(folder / "calib.jsonl", [{"messages": messages(e, system=False)} for e in split["calib"]])
-    for name in ("val", "test"):
-        write_jsonl(folder / f"{name}.jsonl", [{"prompt": render_prompt(tok, messages(e, system=False)),
-                                               "answer": e["answer"]} for e in split[name]])
-
-
 def build_smollm2(work: Path, recipe: dict, stamp: str, progress: bool, write_jsonl, base_gguf: Path | None = None,
                   cache: Path | None = None) -> dict:
     """Builds (or resumes) the smollm2 zoo in ``work``; returns the metadata for zoo.json. ``stamp``
@@ -171,7 +164,7 @@ def build_smollm2(work: Path, recipe: dict, stamp: str, progress: bool, write_js
         tmp = work / "data.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         for task in tasks.TASKS:
-            write_task_data(tmp / task, tok, splits[task], write_jsonl)
+            write_task_data(tmp / task, tok, splits[task], False, write_jsonl)  # the template's own system turn
         _finish_stage(tmp, work / "data", stamp, {})
     timings["data"] = time.perf_counter() - t
 
