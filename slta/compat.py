@@ -34,3 +34,10 @@ def build_mask(create_mask: Callable[..., Any], config: Any, inputs_embeds: torc
     if cache_position is not None and cache_position.default is inspect.Parameter.empty:
         kw["cache_position"] = position_ids[0]
     return create_mask(**kw)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which `model.generate` and forward take a KV cache, and a forward's output holds
+    it: `past_key_values` up to 5.23, `cache` from 5.24 (the old name warns, and goes in 6.0). Read from
+    forward's signature."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import slta
+from slta.compat import cache_kwarg
 
 SPLIT_NAMES = ("test", "val", "validation", "calib", "train", "dev")
 
@@ -126,6 +127,54 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[PreTrainedMo
     return model, tok
 
 
+# Below this many shared tokens, prefilling the prefix once saves less than setting it up costs.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(ids: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares, leaving each at least one of its own (the
+    first generation step needs a token of the prompt's own to start from)."""
+    limit, first = min(len(x) for x in ids) - 1, ids[0]
+    n = 0
+    while n < limit and all(x[n] == first[n] for x in ids):
+        n += 1
+    return n
+
+
+def _generate_batch(model: PreTrainedModel, tok: PreTrainedTokenizerBase, batch: list[str], kwargs: dict,
+                    share_prefix: bool) -> list[str]:
+    """Greedy completions of one batch. Chat prompts share a long head (the template's system turn):
+    prefilling it once and copying its KV cache to every row skips that part of the prefill, which is
+    most of an evaluation's time (prompts of ~60 tokens, answers of ~15). The rows are laid out as
+    [shared prefix | left padding | own tokens]; the mask hides the padding and positions follow it,
+    so each row sees exactly its own prompt."""
+    device = next(model.parameters()).device
+    ids = tok(batch).input_ids  # the same tokens as the padded call below
+    shareable = share_prefix and len(ids) > 1 and not model.config.is_encoder_decoder
+    n_shared = shared_prefix_length(ids) if shareable else 0
+    cache = None
+    if n_shared >= MIN_SHARED_PREFIX:
+        prefix = torch.tensor([ids[0][:n_shared]], device=device)
+        cache = getattr(model(input_ids=prefix, use_cache=True), cache_kwarg(model))
+        if not hasattr(cache, "batch_repeat_interleave"):  # a cache type that cannot be copied per row
+            cache = None
+    if cache is None:
+        enc = tok(batch, return_tensors="pt", padding=True).to(device)
+        gen = model.generate(**enc, **kwargs)
+        return tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    cache.batch_repeat_interleave(len(ids))
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    input_ids[:, :n_shared], mask[:, :n_shared] = prefix.cpu(), 1
+    for row, x in enumerate(ids):
+        own = x[n_shared:]
+        input_ids[row, width - len(own) :], mask[row, width - len(own) :] = torch.tensor(own), 1
+    gen = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                         **{cache_kwarg(model): cache}, **kwargs)
+    return tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -136,8 +185,10 @@ def generate(
     stop_at_newline: bool = True,
     progress: bool = True,
     desc: str = "generate",
+    share_prefix: bool = True,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (decoded, special tokens removed)."""
+    """Greedy completions of ``prompts`` (decoded, special tokens removed). ``share_prefix``: prefill
+    a batch's common leading tokens once (the same completions, faster; see _generate_batch)."""
     tok.padding_side = "left"  # decoder-only: the prompts must end where generation starts
     if tok.pad_token is None:  # many base models ship without one; the mask hides it anyway
         tok.pad_token = tok.eos_token
@@ -147,13 +198,9 @@ def generate(
     # Sort by length so batches hold similar lengths (less padding), then restore the order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    device = next(model.parameters()).device
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         idx = order[start : start + batch_size]
-        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        gen = model.generate(**enc, **kwargs)
-        new = gen[:, enc["input_ids"].shape[1] :]
-        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
+        for i, text in zip(idx, _generate_batch(model, tok, [prompts[i] for i in idx], kwargs, share_prefix)):
             out[i] = text
     return out
 

@@ -58,3 +58,25 @@ def test_build_mask_matches_the_installed_transformers_mask():
     causal = torch.tril(torch.ones(4, 4, dtype=torch.bool))
     assert torch.equal(allowed[1], causal)
     assert torch.equal(allowed[0, :, :3], causal[:, :3]) and not allowed[0, :, 3].any()  # the pad is never seen
+
+
+def test_cache_kwarg_is_the_name_forward_takes_and_returns():
+    """The KV cache's name (`past_key_values` up to 5.23, `cache` from 5.24) is a parameter of the model's
+    forward and the field of its output that holds the cache, at whichever end of the range runs."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    from slta.compat import cache_kwarg
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config).eval()
+    name = cache_kwarg(model)
+    assert name in inspect.signature(model.forward).parameters
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True)
+        cache = getattr(first, name)
+        assert cache.get_seq_length() == 3
+        model(input_ids=torch.tensor([[4]]), use_cache=True, **{name: cache})  # taken back under the same name
+    assert cache.get_seq_length() == 4

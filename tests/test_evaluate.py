@@ -125,3 +125,40 @@ def test_missing_answer_is_a_clear_error(model_dir, tmp_path):
     task = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "x"}])
     with pytest.raises(ValueError, match="answer"):
         evaluate(model_dir, {"t": task}, progress=False)
+
+
+def test_shared_prefix_gives_the_plain_completions(model_dir, monkeypatch):
+    """Prompts with a common head (a chat template's system turn): prefilling it once and copying its
+    cache to every row gives the completions of plain left-padded batches, and the scores under them."""
+    from transformers import DynamicCache
+
+    from slta.evaluate import MIN_SHARED_PREFIX, shared_prefix_length
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    head = "Question: Ann has 3 pens. How many pens? Code:\nx = [1, 2]\n"
+    prompts = [head + p for p in PROMPTS] + [head]  # the last one is all head: it keeps a token of its own
+    ids = tok(prompts).input_ids
+    assert len({len(x) for x in ids}) > 2  # the rows really need padding after the prefix
+    n = shared_prefix_length(ids)
+    assert MIN_SHARED_PREFIX <= n == min(len(x) for x in ids) - 1
+    copies = []
+    real = DynamicCache.batch_repeat_interleave
+    monkeypatch.setattr(DynamicCache, "batch_repeat_interleave", lambda self, k: (copies.append(k), real(self, k))[1])
+    shared = generate(model, tok, prompts, batch_size=len(prompts), max_new_tokens=8, stop_at_newline=False, progress=False)
+    assert copies == [len(prompts)]  # the shared path ran
+    plain = generate(model, tok, prompts, batch_size=len(prompts), max_new_tokens=8, stop_at_newline=False,
+                     progress=False, share_prefix=False)
+    one = [generate(model, tok, [p], batch_size=1, max_new_tokens=8, stop_at_newline=False, progress=False,
+                    share_prefix=False)[0] for p in prompts]
+    assert shared == plain == one
+    assert len(set(shared)) > 2  # the completions differ between rows: the rows are not mixed up
+
+
+def test_shared_prefix_length_rules():
+    from slta.evaluate import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # each row keeps one token of its own
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 2
