@@ -99,7 +99,7 @@ import slta
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 assert Path(slta.__file__).resolve().is_relative_to(root.resolve()), (slta.__file__, root)
 from slta.merge import run_merge, run_solve
-from slta.linearity import run_analyze
+run_analyze = slta.analyze  # the public name: the module behind it moved (issue #29)
 cfgs = json.loads(Path(sys.argv[3]).read_text())
 logging.disable(logging.WARNING)
 for name, cfg in cfgs.items():
