@@ -10,7 +10,11 @@ version (PYTHONPATH pointing at a temporary `git worktree` of REF, or at this tr
   data-free method and RegMean, on each fixture;
 - `slta merge --resume` of the zoo's attn_mlp merge (same bytes as a plain run);
 - `slta solve` on the saved statistics (all models and a subset, plain and balanced);
-- `slta analyze` (linearity.json).
+- `slta analyze` (linearity.json);
+- the tiny demo, `slta demo --size tiny --ablations --variants --jobs 1` (both zoo kinds): the zoos it
+  builds (and the chat zoo's two extra fine-tunes), every merge's evaluation in its cache, and its
+  report folders (results, tables, figures, diagnostics). Each code version builds its own zoos, in
+  the same folder (moved aside afterwards), so paths hashed into cache keys agree. `--no-demo` skips it.
 
 Then compares every output file's sha256. JSON reports are compared without their timings and
 with the output roots replaced by a placeholder (they name the statistics file they were solved
@@ -119,10 +123,20 @@ for fam in ("zoo", "llama"):
 """
 
 
-def run_version(code_root: Path, out: Path, cfg_file: Path) -> None:
+DEMO = ["demo", "--size", "tiny", "--zoo-kind", "both", "--ablations", "--variants", "--jobs", "1", "-q"]
+
+
+def run_version(code_root: Path, out: Path, cfg_file: Path, demo: Path | None) -> None:
     env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     subprocess.run([sys.executable, "-c", DRIVER, str(code_root), str(out), str(cfg_file)], check=True, env=env,
                    cwd=tempfile.gettempdir())
+    if demo is None:
+        return
+    subprocess.run(["rm", "-rf", str(demo)], check=True)
+    subprocess.run([sys.executable, "-m", "slta.cli", *DEMO, "--zoo", str(demo / "zoo"), "--out", str(demo / "out")],
+                   check=True, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL)
+    print("demo", flush=True)
+    demo.rename(out / "demo")
 
 
 def _strip(obj, roots: list[str]):
@@ -161,6 +175,7 @@ def main() -> int:
     ap.add_argument("--ref", default="b5ddb66", help="git commit to compare against (default b5ddb66)")
     ap.add_argument("--new", default=None, help="git commit to check (default: the working tree)")
     ap.add_argument("--work", default="/tmp/slta_identical", help="scratch folder (fixtures are reused)")
+    ap.add_argument("--no-demo", action="store_true", help="leave out the tiny demo (about 2 x 4 minutes)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -179,7 +194,7 @@ def main() -> int:
             out = work / "out" / label
             subprocess.run(["rm", "-rf", str(out)], check=True)
             out.mkdir(parents=True)
-            run_version(code, out, cfg_file)
+            run_version(code, out, cfg_file, None if a.no_demo else work / "demo-run")
             results[label] = out
         problems, n = compare(results["ref"], results["new"])
     finally:
