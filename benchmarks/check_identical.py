@@ -1,6 +1,7 @@
 """Byte-identity check: the outputs of every method with the code at a git commit vs the working tree.
 
     OMP_NUM_THREADS=1 python benchmarks/check_identical.py --ref b5ddb66 [--new COMMIT] [--work /tmp/slta_identical]
+        [--no-demo]
 
 Builds the fixtures once (the tiny zoo, `slta zoo build DIR --size tiny`, and two tiny test families
 from tests/tiny.py: an untied Llama and a tied Qwen2), then runs, in one child process per code
@@ -16,9 +17,10 @@ version (PYTHONPATH pointing at a temporary `git worktree` of REF, or at this tr
   report folders (results, tables, figures, diagnostics). Each code version builds its own zoos, in
   the same folder (moved aside afterwards), so paths hashed into cache keys agree. `--no-demo` skips it.
 
-Then compares every output file's sha256. JSON reports are compared without their timings and
-with the output roots replaced by a placeholder (they name the statistics file they were solved
-from). Exit status 0 when everything is identical. Not part of the test suite (a few minutes).
+Then compares every output file's sha256. JSON reports are compared without their timings (`timings`,
+the demo's `timings_s`) and with the output roots replaced by a placeholder (they name the statistics
+file they were solved from). Exit status 0 when everything is identical. Not part of the test suite
+(a few minutes; with the demo about 20 on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def run_version(code_root: Path, out: Path, cfg_file: Path, demo: Path | None) -
 
 def _strip(obj, roots: list[str]):
     if isinstance(obj, dict):
-        return {k: _strip(v, roots) for k, v in obj.items() if k != "timings"}
+        return {k: _strip(v, roots) for k, v in obj.items() if k not in ("timings", "timings_s")}
     if isinstance(obj, list):
         return [_strip(v, roots) for v in obj]
     if isinstance(obj, str):
