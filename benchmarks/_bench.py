@@ -50,7 +50,7 @@ def build_models(root: Path, T: int, hidden: int, layers: int, seed: int = 0, vo
     a finished build). Returns (base folder, fine-tune folders, bytes of one checkpoint)."""
     from tiny import make_tokenizer
 
-    from slta.checkpoint import ShardedWriter, parse_dtype
+    from slta.io.checkpoint import ShardedWriter, parse_dtype
 
     config = llama_config(hidden, layers, vocab, dtype)
     shapes = llama_shapes(hidden, layers, vocab, config.intermediate_size, config.num_key_value_heads)

@@ -8,7 +8,7 @@ checkpoint (model-0000X-of-0000N.safetensors + model.safetensors.index.json), an
                                           [--threads 1] [--keep]
 
 Each merge runs through the real CLI (`slta merge`) in a child process that samples its own VmRSS
-every 20 ms in a thread and tags each sample with the engine's current group (`slta.engine.STAGE`:
+every 20 ms in a thread and tags each sample with the engine's current group (`slta.engine.walk.STAGE`:
 setup, embed, layer i, head, finish); the child's peak RSS also comes from the kernel (wait4). Before
 each merge `slta merge --dry-run` prints its estimate, shown beside the measured peak. The table
 projects the full 80-layer model: wall = setup + embed + head + finish + 80 x (mean wall per layer);
@@ -54,7 +54,7 @@ def build(root: Path, layers: int, T: int, shard: int) -> tuple[Path, list[Path]
     from transformers import LlamaConfig
     from tiny import make_tokenizer
 
-    from slta.checkpoint import ShardedWriter
+    from slta.io.checkpoint import ShardedWriter
 
     folders = [root / "base"] + [root / f"ft{t}" for t in range(T)]
     spec = {"layers": layers, "T": T, "shard": shard, "hidden": HIDDEN}
@@ -102,7 +102,8 @@ def vm_rss() -> int:
 
 def child(argv: list[str], report: Path) -> None:
     """Run `slta merge ARGV` in this process, sampling RSS per engine stage; write the stages to `report`."""
-    from slta import cli, engine
+    from slta import cli
+    from slta.engine import walk as engine
 
     peaks: dict[str, int] = {}
     first: dict[str, float] = {}
@@ -174,7 +175,7 @@ def main() -> None:
         child(args.child[1:], Path(args.child[0]))
         return
     from _bench import make_data, run
-    from slta.checkpoint import parse_size
+    from slta.io.checkpoint import parse_size
 
     root = Path(args.dir) / f"L{args.layers}"
     root.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from bench_merge_memory import build_models, make_data, run
 
 CHILD = """
 import sys, torch
-from slta.linearity import run_analyze
+from slta.analysis.linearity import run_analyze
 a = sys.argv[1:]
 if int(a[6]) > 0:
     torch.set_num_threads(int(a[6]))

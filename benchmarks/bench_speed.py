@@ -106,7 +106,7 @@ def calibration_tokens(base: Path, data: list[Path], num_samples: int) -> list[i
     """Token counts of the calibration samples exactly as slta selects and tokenizes them."""
     from transformers import AutoTokenizer
 
-    from slta.calibration import load_task
+    from slta.engine.calibration import load_task
 
     tok = AutoTokenizer.from_pretrained(base)
     return [len(ids) for d in data for ids in load_task(d, tok, num_samples, 0, 2048).ids]

@@ -1,6 +1,7 @@
 """Byte-identity check: the outputs of every method with the code at a git commit vs the working tree.
 
     OMP_NUM_THREADS=1 python benchmarks/check_identical.py --ref b5ddb66 [--new COMMIT] [--work /tmp/slta_identical]
+        [--no-demo]
 
 Builds the fixtures once (the tiny zoo, `slta zoo build DIR --size tiny`, and two tiny test families
 from tests/tiny.py: an untied Llama and a tied Qwen2), then runs, in one child process per code
@@ -10,11 +11,16 @@ version (PYTHONPATH pointing at a temporary `git worktree` of REF, or at this tr
   data-free method and RegMean, on each fixture;
 - `slta merge --resume` of the zoo's attn_mlp merge (same bytes as a plain run);
 - `slta solve` on the saved statistics (all models and a subset, plain and balanced);
-- `slta analyze` (linearity.json).
+- `slta analyze` (linearity.json);
+- the tiny demo, `slta demo --size tiny --ablations --variants --jobs 1` (both zoo kinds): the zoos it
+  builds (and the chat zoo's two extra fine-tunes), every merge's evaluation in its cache, and its
+  report folders (results, tables, figures, diagnostics). Each code version builds its own zoos, in
+  the same folder (moved aside afterwards), so paths hashed into cache keys agree. `--no-demo` skips it.
 
-Then compares every output file's sha256. JSON reports are compared without their timings and
-with the output roots replaced by a placeholder (they name the statistics file they were solved
-from). Exit status 0 when everything is identical. Not part of the test suite (a few minutes).
+Then compares every output file's sha256. JSON reports are compared without their timings (`timings`,
+the demo's `timings_s`) and with the output roots replaced by a placeholder (they name the statistics
+file they were solved from). Exit status 0 when everything is identical. Not part of the test suite
+(a few minutes; with the demo about 20 on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ import slta
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 assert Path(slta.__file__).resolve().is_relative_to(root.resolve()), (slta.__file__, root)
 from slta.merge import run_merge, run_solve
-from slta.linearity import run_analyze
+run_analyze = slta.analyze  # the public name: the module behind it moved (issue #29)
 cfgs = json.loads(Path(sys.argv[3]).read_text())
 logging.disable(logging.WARNING)
 for name, cfg in cfgs.items():
@@ -119,15 +125,25 @@ for fam in ("zoo", "llama"):
 """
 
 
-def run_version(code_root: Path, out: Path, cfg_file: Path) -> None:
+DEMO = ["demo", "--size", "tiny", "--zoo-kind", "both", "--ablations", "--variants", "--jobs", "1", "-q"]
+
+
+def run_version(code_root: Path, out: Path, cfg_file: Path, demo: Path | None) -> None:
     env = {**os.environ, "PYTHONPATH": str(code_root), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     subprocess.run([sys.executable, "-c", DRIVER, str(code_root), str(out), str(cfg_file)], check=True, env=env,
                    cwd=tempfile.gettempdir())
+    if demo is None:
+        return
+    subprocess.run(["rm", "-rf", str(demo)], check=True)
+    subprocess.run([sys.executable, "-m", "slta.cli", *DEMO, "--zoo", str(demo / "zoo"), "--out", str(demo / "out")],
+                   check=True, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL)
+    print("demo", flush=True)
+    demo.rename(out / "demo")
 
 
 def _strip(obj, roots: list[str]):
     if isinstance(obj, dict):
-        return {k: _strip(v, roots) for k, v in obj.items() if k != "timings"}
+        return {k: _strip(v, roots) for k, v in obj.items() if k not in ("timings", "timings_s")}
     if isinstance(obj, list):
         return [_strip(v, roots) for v in obj]
     if isinstance(obj, str):
@@ -161,6 +177,7 @@ def main() -> int:
     ap.add_argument("--ref", default="b5ddb66", help="git commit to compare against (default b5ddb66)")
     ap.add_argument("--new", default=None, help="git commit to check (default: the working tree)")
     ap.add_argument("--work", default="/tmp/slta_identical", help="scratch folder (fixtures are reused)")
+    ap.add_argument("--no-demo", action="store_true", help="leave out the tiny demo (about 2 x 4 minutes)")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -179,7 +196,7 @@ def main() -> int:
             out = work / "out" / label
             subprocess.run(["rm", "-rf", str(out)], check=True)
             out.mkdir(parents=True)
-            run_version(code, out, cfg_file)
+            run_version(code, out, cfg_file, None if a.no_demo else work / "demo-run")
             results[label] = out
         problems, n = compare(results["ref"], results["new"])
     finally:

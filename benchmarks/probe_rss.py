@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/probe_rss.py CONFIG.yml OUT_DIR
 
 Runs `run_merge` in this process with a thread that samples VmRSS every 5 ms and labels each sample
-with the engine's stage (`slta.engine.STAGE`) and the innermost wrapped function running: the closed
+with the engine's stage (`slta.engine.walk.STAGE`) and the innermost wrapped function running: the closed
 form's head solve (`head_stage`), the row-block writes (`write_alpha_tensors`, `write.combine`) and the
 writer. Prints the peak per label. Used to find what the 70B-shaped head stage held beyond the dry-run
 estimate (benchmarks/RESULTS.md, session 8).
@@ -16,10 +16,10 @@ import sys
 import threading
 import time
 
-import slta.checkpoint as checkpoint
-import slta.closed_form as closed_form
-import slta.engine as engine
-import slta.write as write
+import slta.engine.walk as engine
+import slta.io.checkpoint as checkpoint
+import slta.merges.closed_form as closed_form
+import slta.merges.write as write
 from slta.merge import run_merge
 
 running = ["-"]

@@ -22,20 +22,20 @@ import torch
 # (label, file suffix, function name): cumulative times of these calls
 STAGES = [
     ("whole merge (run_merge)", "slta/merge.py", "run_merge"),
-    ("open and check inputs", "slta/inputs.py", "open_inputs"),
-    ("calibration (tokenize)", "slta/calibration.py", "calibration"),
-    ("embedding stage (rows, Grams)", "slta/engine.py", "embed_stage"),
-    ("layer features (forwards + Grams)", "slta/features.py", "layer_features"),
-    ("  attention blocks, T+1 versions", "slta/features.py", "attn_out"),
-    ("  MLP blocks, T+1 versions", "slta/features.py", "mlp_out"),
-    ("  whole layers, T+1 versions", "slta/features.py", "layer_out"),
-    ("  Gram accumulation (float64)", "slta/features.py", "add"),
-    ("output head stage (logits, Grams)", "slta/closed_form.py", "head_stage"),
+    ("open and check inputs", "slta/io/inputs.py", "open_inputs"),
+    ("calibration (tokenize)", "slta/engine/calibration.py", "calibration"),
+    ("embedding stage (rows, Grams)", "slta/engine/walk.py", "embed_stage"),
+    ("layer features (forwards + Grams)", "slta/engine/features.py", "layer_features"),
+    ("  attention blocks, T+1 versions", "slta/engine/features.py", "attn_out"),
+    ("  MLP blocks, T+1 versions", "slta/engine/features.py", "mlp_out"),
+    ("  whole layers, T+1 versions", "slta/engine/features.py", "layer_out"),
+    ("  Gram accumulation (float64)", "slta/engine/features.py", "add"),
+    ("output head stage (logits, Grams)", "slta/merges/closed_form.py", "head_stage"),
     ("solve α (all modules)", "slta/solve.py", "solve_module"),
-    ("merge + hand to writer", "slta/write.py", "write_alpha_tensors"),
+    ("merge + hand to writer", "slta/merges/write.py", "write_alpha_tensors"),
     ("waiting for the reader thread", "concurrent/futures/_base.py", "result"),
-    ("finish folder (report, card)", "slta/output.py", "finish_folder"),
-    ("statistics file", "slta/stats.py", "write_stats"),
+    ("finish folder (report, card)", "slta/io/output.py", "finish_folder"),
+    ("statistics file", "slta/merges/stats.py", "write_stats"),
 ]
 
 

@@ -13,7 +13,7 @@ from slta import __version__
 
 def _merge(a: argparse.Namespace) -> None:
     if a.dry_run:
-        from slta.memory import dry_run
+        from slta.merges.memory import dry_run
 
         dry_run(a.config, device=a.device)
         return
@@ -69,7 +69,7 @@ def _positive_int(text: str) -> int:
 
 
 def _shard_size(text: str) -> str:
-    from slta.checkpoint import parse_size
+    from slta.io.checkpoint import parse_size
 
     try:
         parse_size(text)  # checked now, before any work; passed on as written
@@ -99,7 +99,7 @@ CORE_COMMANDS = ("merge", "solve", "eval", "zoo")  # defined here; the others co
 
 def build_parser(extra: bool | str = True) -> argparse.ArgumentParser:
     """The parser. `extra`: True adds every subcommand of COMMAND_MODULES, a command name only that one
-    (importing slta.linearity pulls in transformers' attention code and torch._dynamo: 1-3 s that
+    (importing slta.analysis.linearity pulls in transformers' attention code and torch._dynamo: 1-3 s that
     `slta merge` does not need), False none; "help" lists them from COMMAND_HELP without importing any."""
     p = argparse.ArgumentParser(prog="slta", description="Submodule-linearity task arithmetic: merge LLMs "
                                 "fine-tuned from one base, with closed-form per-submodule weights.")
@@ -184,8 +184,8 @@ def build_parser(extra: bool | str = True) -> argparse.ArgumentParser:
 
 
 # Subcommands defined beside their implementation (`add_cli(subparsers)`): command -> module.
-COMMAND_MODULES: dict[str, str] = {"demo": "slta.demo", "analyze": "slta.linearity", "report": "slta.figures",
-                                   "diagnose": "slta.diagnostics"}
+COMMAND_MODULES: dict[str, str] = {"demo": "slta.demo", "analyze": "slta.analysis.linearity",
+                                   "report": "slta.analysis.figures", "diagnose": "slta.analysis.diagnostics"}
 # Their one-line help, for `slta --help` without importing them (tests/test_api.py keeps it equal to the modules').
 COMMAND_HELP: dict[str, str] = {
     "demo": "build the demo zoo, merge it with slta and every baseline, print the table",

@@ -2,11 +2,11 @@
 
     checkpoint -> architecture -> calibration -> features -> statistics -> solve -> write
 
-The inputs are opened and checked (slta.inputs), the output folder is guarded and written beside
-OUT (slta.output), and one streaming walk over the layers (slta.engine) feeds the method's client:
-the closed form (slta.closed_form, whose Grams are saved by slta.stats), RegMean
-(slta.regmean_stream) or a data-free method (slta.data_free). `--resume` keeps a journal of the
-groups written (slta.journal). Memory is bounded by one layer, never by the model.
+The inputs are opened and checked (slta.io.inputs), the output folder is guarded and written beside
+OUT (slta.io.output), and one streaming walk over the layers (slta.engine.walk) feeds the method's client:
+the closed form (slta.merges.closed_form, whose Grams are saved by slta.merges.stats), RegMean
+(slta.merges.regmean) or a data-free method (slta.merges.data_free). `--resume` keeps a journal of the
+groups written (slta.io.journal). Memory is bounded by one layer, never by the model.
 
 The names this module used to define are re-exported so that `slta.merge.X` keeps working.
 """
@@ -21,24 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import slta
-from slta.architecture import SUPPORTED, TensorPlan, build_plan, tensor_plan
-from slta.checkpoint import ShardedWriter, dtype_name, parse_size
 from slta.config import ConfigError, MergeConfig, load_config as load_merge_config
-from slta.inputs import input_paths, open_inputs, output_bytes, resolve_device
-from slta.journal import Journal
-from slta.output import atomic_output, check_output, finish_folder, input_fingerprints
+from slta.io.architecture import SUPPORTED, TensorPlan, build_plan, tensor_plan
+from slta.io.checkpoint import ShardedWriter, dtype_name, parse_size
+from slta.io.inputs import input_paths, open_inputs, output_bytes, resolve_device
+from slta.io.journal import Journal
+from slta.io.output import atomic_output, check_output, finish_folder, input_fingerprints
 
 # Re-exports: where each of the old slta.merge names lives now.
-from slta.calibration import calibration  # noqa: E402,F401
-from slta.closed_form import SltaResult, head_stage, slta_report, solve_closed_form  # noqa: F401
-from slta.data_free import merge_data_free  # noqa: F401
-from slta.engine import (ROW_BLOCK, embed_stage, layer_groups, load_group_of, prefetched,  # noqa: F401
-                         replay_base_layer)
-from slta.inputs import (MAX_RELATIVE_DISTANCE, Inputs, MergeError, all_finite, check_distances,  # noqa: F401
-                         check_finite, check_group, check_tokenizers, load_group, read_group)
-from slta.output import TOKENIZER_FILES, file_sha256, fingerprint  # noqa: F401
-from slta.stats import read_stats, run_solve, write_stats  # noqa: F401
-from slta.write import combine, write_alpha_tensors  # noqa: F401
+from slta.engine.calibration import calibration  # noqa: E402,F401
+from slta.engine.walk import (ROW_BLOCK, embed_stage, layer_groups, load_group_of, prefetched,  # noqa: F401
+                              replay_base_layer)
+from slta.io.inputs import (MAX_RELATIVE_DISTANCE, Inputs, MergeError, all_finite, check_distances,  # noqa: F401
+                            check_finite, check_group, check_tokenizers, load_group, read_group)
+from slta.io.output import TOKENIZER_FILES, file_sha256, fingerprint  # noqa: F401
+from slta.merges.closed_form import SltaResult, head_stage, slta_report, solve_closed_form  # noqa: F401
+from slta.merges.data_free import merge_data_free  # noqa: F401
+from slta.merges.stats import read_stats, run_solve, write_stats  # noqa: F401
+from slta.merges.write import combine, write_alpha_tensors  # noqa: F401
 
 log = logging.getLogger("slta")
 
@@ -95,7 +95,7 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
                 if save_stats:
                     write_stats(tmp / "slta_stats.safetensors", cfg, ins, plan, res)
             elif method.name in ("regmean", "regmean_plusplus"):
-                from slta.regmean_stream import run_regmean
+                from slta.merges.regmean import run_regmean
 
                 report.update(run_regmean(ins, plan, writer, dev, progress,
                                           progressive=method.name == "regmean_plusplus"))

@@ -71,7 +71,7 @@ def restrict(grams: np.ndarray, tasks: np.ndarray, models: list[int] | None,
 def objective(grams: np.ndarray, tasks: np.ndarray, balance: bool,
               cross: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """A and b of Eq. 13 from per-sample Grams (N, T, T) and each sample's task index (N,).
-    `cross` (N, T): per-sample products <Δf_j(x), e(x)> with another target e (slta.trajectory) in
+    `cross` (N, T): per-sample products <Δf_j(x), e(x)> with another target e (slta.merges.trajectory) in
     place of the paper's <Δf_j(x), Δf_a(x)> = G_x[j, a] in b; A and the denominators are unchanged."""
     grams = np.asarray(grams, dtype=np.float64)
     N, T = grams.shape[0], grams.shape[1]
@@ -124,4 +124,4 @@ def solve_module(grams: np.ndarray, tasks: np.ndarray, balance: bool = True, mod
     return Solution(alpha, rule, rank, cond, A, b, skipped)
 
 
-slta._as_command(__name__)  # `slta.solve(...)` runs slta.stats.run_solve (see slta/__init__.py)
+slta._as_command(__name__)  # `slta.solve(...)` runs slta.merges.stats.run_solve (see slta/__init__.py)

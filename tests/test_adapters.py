@@ -21,10 +21,10 @@ from peft import IA3Config, LoraConfig, get_peft_model  # a test dependency: mis
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from slta.adapter import AdapterCheckpoint, AdapterError
-from slta.checkpoint import Checkpoint
+from slta.analysis.linearity import analyze
 from slta.config import ConfigError
-from slta.linearity import analyze
+from slta.io.adapter import AdapterCheckpoint, AdapterError
+from slta.io.checkpoint import Checkpoint
 from slta.merge import run_merge
 from tiny import make_data, make_family, save_model, write_config
 

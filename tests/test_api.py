@@ -20,8 +20,8 @@ def _python(code: str) -> subprocess.CompletedProcess:
 
 def test_import_slta_then_submodules_by_attribute():
     r = _python("import slta\n"
-                "slta.merge.run_merge; slta.stats.run_solve; slta.linearity.run_analyze; slta.evaluate.evaluate\n"
-                "slta.solve.solve_module\n"
+                "slta.merges.stats.run_solve; slta.analysis.linearity.run_analyze; slta.io.checkpoint.Checkpoint\n"
+                "slta.merge.run_merge; slta.evaluate.evaluate; slta.solve.solve_module\n"
                 "assert all(callable(f) for f in (slta.merge, slta.solve, slta.analyze, slta.evaluate))\n"
                 "print('ok')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
@@ -34,10 +34,10 @@ def test_import_slta_is_cheap():
 
 def test_api_names_are_the_cli_functions(tmp_path):
     import slta
+    from slta.analysis.linearity import run_analyze
     from slta.evaluate import evaluate
-    from slta.linearity import run_analyze
     from slta.merge import run_merge
-    from slta.stats import run_solve
+    from slta.merges.stats import run_solve
 
     assert slta.COMMANDS == {"merge": run_merge, "solve": run_solve, "analyze": run_analyze, "evaluate": evaluate}
     for name in slta.COMMANDS:
@@ -69,13 +69,14 @@ def test_top_level_help_lists_every_command_without_importing_them():
     probe = ("import sys; from slta.cli import main\n"
              "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print('LOADED', ' '.join(sorted(m for m in sys.modules if m in "
-             "('torch', 'slta.demo', 'slta.linearity', 'slta.figures', 'slta.diagnostics'))))")
+             "('torch', 'slta.demo', 'slta.analysis.linearity', 'slta.analysis.figures',"
+             " 'slta.analysis.diagnostics'))))")
     run = lambda *a: subprocess.run([sys.executable, "-c", probe, *a], capture_output=True, text=True)  # noqa: E731
     top = run("--help")
     assert all(name in top.stdout for name in (*COMMAND_MODULES, "merge", "solve", "eval", "zoo")), top.stdout
     assert top.stdout.strip().endswith("LOADED"), top.stdout[-300:]
     demo = run("demo", "--help")
     assert "--zoo-seeds" in demo.stdout and "slta.demo" in demo.stdout.split("LOADED")[-1]
-    assert "slta.linearity" not in demo.stdout.split("LOADED")[-1]
+    assert "slta.analysis.linearity" not in demo.stdout.split("LOADED")[-1]
     bad = run("nonsense")
     assert "invalid choice" in bad.stderr and "diagnose" in bad.stderr

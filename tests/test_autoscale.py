@@ -1,4 +1,4 @@
-"""`scale: auto` (slta.autoscale): the streamed response losses against whole Hugging Face models.
+"""`scale: auto` (slta.merges.autoscale): the streamed response losses against whole Hugging Face models.
 
 For every candidate s the reference writes the merge with `scale: s` (α × s), loads it with
 transformers, runs each calibration sample through it and takes torch's cross-entropy at the positions
@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from tiny import make_data, make_family, write_config
 from transformers import AutoModelForCausalLM
 
-from slta.calibration import calibration_masks
 from slta.config import ConfigError, load_config
-from slta.inputs import open_inputs
+from slta.engine.calibration import calibration_masks
+from slta.io.inputs import open_inputs
 from slta.merge import run_merge
 
 torch.set_num_threads(1)
@@ -80,8 +80,8 @@ def test_scale_auto_is_refused_where_the_stream_would_use_other_alphas(tmp_path)
 
 
 def test_solve_refuses_scale_auto_statistics(tmp_path):
-    from slta.inputs import MergeError
-    from slta.stats import run_solve
+    from slta.io.inputs import MergeError
+    from slta.merges.stats import run_solve
 
     base, tuned = make_family(tmp_path, "llama", T=2, layers=1)
     data = make_data(tmp_path, T=2, n=6)

@@ -130,7 +130,7 @@ def test_nan_in_weights(tmp_path, family, method):
 def test_task_arithmetic_names_a_non_finite_input_without_an_input_pass(tmp_path, family, which, value, weight, dtype):
     """Task arithmetic skips the engine's finiteness pass over its inputs (a non-finite input always
     gives a non-finite output, which the writer refuses); the error must still name the input."""
-    from slta.data_free import DataFree
+    from slta.merges.data_free import DataFree
     from slta.methods import get
 
     assert get("task_arithmetic").propagates_nonfinite and not get("ties").propagates_nonfinite

@@ -1,4 +1,4 @@
-"""Reading checkpoints (slta.checkpoint.Checkpoint): tensors are private maps of the files' bytes,
+"""Reading checkpoints (slta.io.checkpoint.Checkpoint): tensors are private maps of the files' bytes,
 read in when opened. Checked against safetensors' own loader, bit for bit."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slta.checkpoint import Checkpoint, CheckpointError, _populate
+from slta.io.checkpoint import Checkpoint, CheckpointError, _populate
 
 
 def odd_checkpoint(folder):

@@ -1,4 +1,4 @@
-"""slta.compat.build_mask names the mask functions' arguments as each supported transformers release does.
+"""slta.engine.compat.build_mask names the mask functions' arguments as each supported transformers release does.
 
 CI runs the suite at both ends of the range (5.0.0 and the newest); the releases in between combine
 the names differently (`inputs_embeds` with `past_key_values`), so the three signatures are stood in
@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.masking_utils import create_causal_mask
 
-from slta.compat import build_mask
+from slta.engine.compat import build_mask
 
 CALLS: list[dict] = []
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from slta.demo import COMBOS, LEVELS, METHOD_NAMES, TASKS, baseline_grids, table_rows
-from slta.demo_table import baseline_summary, format_cell, multi_zoo_rows, results_table
+from slta.demo.table import baseline_summary, format_cell, multi_zoo_rows, results_table
 
 
 def _fake_results(acc: float, ta_lambda: float, slta_seeds: list[float]) -> dict:
@@ -92,7 +92,7 @@ def test_tiny_demo_end_to_end(tmp_path, tiny_zoo):
         assert (out / "report" / f"accuracy_{kind}.png").stat().st_size > 0
     assert "== chat kind" in proc.stdout and "slta Attn/MLP Level" in proc.stdout
     # --ablations: Table 11 on both kinds; Table 10 (2..5 models) on the chat kind, its zoo extended
-    from slta.demo_models import CHAIN, model_rows
+    from slta.demo.models import CHAIN, model_rows
     for kind in ("hard", "chat"):
         assert study["kinds"][kind]["ablations"]["levels"]["attn_mlp"]
     assert study["kinds"]["hard"]["models"] is None and "models" not in first["hard"]["ablations"]
@@ -142,8 +142,8 @@ def test_variants_rows_and_the_choice_on_validation(tmp_path, tiny_zoo):
     """`--variants` adds a row per slta variant and level, RegMean++ among the baselines, and picks
     the slta row with the best validation score on the triple (the paper's rows compete as `|paper`).
     The triple only, for CI's time: every combination runs through the same loops."""
-    from slta.demo_table import level_name
-    from slta.demo_variants import SCALED, SCALES, VARIANT_LEVELS, VARIANTS, chosen_by_validation
+    from slta.demo.table import level_name
+    from slta.demo.variants import SCALED, SCALES, VARIANT_LEVELS, VARIANTS, chosen_by_validation
 
     zoo, out = tiny_zoo, tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "chat", "--zoo", str(zoo),
@@ -179,7 +179,7 @@ def test_variants_rows_and_the_choice_on_validation(tmp_path, tiny_zoo):
 
 
 def test_choice_on_validation_takes_the_best_validation_row_not_the_best_test_row():
-    from slta.demo_variants import chosen_by_validation
+    from slta.demo.variants import chosen_by_validation
 
     def run(val: float, test: float) -> list[dict]:
         return [{"seed": 0, "val": {"math": val, "code": val}, "test": {"math": test, "code": test}}]
@@ -196,9 +196,9 @@ def test_choice_on_validation_takes_the_best_validation_row_not_the_best_test_ro
 
 
 def test_models_table_and_summary_aggregate_synthetic_results():
-    """Table 10 (slta.demo_models) on made-up scores: per-row averages over the row's tasks, the gap
+    """Table 10 (slta.demo.models) on made-up scores: per-row averages over the row's tasks, the gap
     (slta − TA) / TA, and mean ± std across zoos."""
-    from slta.demo_models import models_summary, models_summary_table, models_table
+    from slta.demo.models import models_summary, models_summary_table, models_table
 
     def zoo(ta: float, slta: float) -> dict:
         rows = []

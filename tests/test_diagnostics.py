@@ -22,11 +22,11 @@ from test_merge_reference import (
 from tiny import make_data, make_family, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slta.analysis.diagnostics import run_diagnose
 from slta.cli import main
-from slta.diagnostics import run_diagnose
 from slta.merge import run_merge, run_solve
+from slta.merges.stats import read_stats, sample_subset
 from slta.solve import solve_module
-from slta.stats import read_stats, sample_subset
 
 LAM = 0.6
 
@@ -165,10 +165,10 @@ def test_subset_resolve_equals_a_fresh_run_on_the_subset(tmp_path):
 
 
 class _FakeDemo:
-    """What slta.demo_studies.sample_ablation uses of slta.demo.Demo, on a tiny family."""
+    """What slta.demo.studies.sample_ablation uses of slta.demo.Demo, on a tiny family."""
 
     def __init__(self, tmp_path, base, tuned, data):
-        from slta.demo_table import TASKS
+        from slta.demo.table import TASKS
 
         self.zoo, self.work, self.cache, self.device = tmp_path / "zoo", tmp_path / "work", tmp_path / "cache", "cpu"
         self.cache.mkdir()
@@ -197,7 +197,7 @@ class _FakeDemo:
 
 def test_sample_ablation_measures_once_and_resolves_every_count(tmp_path, monkeypatch):
     import slta.merge
-    from slta.demo_studies import (
+    from slta.demo.studies import (
         ablation_rows,
         ablation_table,
         sample_ablation,
@@ -226,8 +226,8 @@ def test_sample_ablation_measures_once_and_resolves_every_count(tmp_path, monkey
 
 
 def test_ablation_summary_across_zoos():
-    from slta.demo_studies import ablation_summary
-    from slta.demo_table import TASKS, ablation_summary_table
+    from slta.demo.studies import ablation_summary
+    from slta.demo.table import TASKS, ablation_summary_table
 
     def zoo(accs):  # {count: [accuracy per draw]}
         runs = {str(n): [{"draw": d, "test": {t: a for t in TASKS}} for d, a in enumerate(v)] for n, v in accs.items()}

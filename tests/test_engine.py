@@ -1,15 +1,15 @@
-"""The streaming engine's contract with its clients (slta.engine): groups in write order, one group
+"""The streaming engine's contract with its clients (slta.engine.walk): groups in write order, one group
 read ahead, `reads` and `done` honoured, and the base hidden state advanced the way the merge does."""
 
 from __future__ import annotations
 
 import torch
 
-from slta.architecture import build_plan
-from slta.calibration import calibration
 from slta.config import load_config
-from slta.engine import Client, Stream, layer_groups, walk
-from slta.inputs import open_inputs
+from slta.engine.calibration import calibration
+from slta.engine.walk import Client, Stream, layer_groups, walk
+from slta.io.architecture import build_plan
+from slta.io.inputs import open_inputs
 from tiny import make_data, make_family, write_config
 
 
@@ -60,7 +60,7 @@ def test_walk_hands_every_group_in_write_order(tmp_path):
 def test_replayed_layers_give_the_base_forward_pass(tmp_path):
     """A done layer is replayed on the base alone; the hidden states after it equal those of a
     client that computed the layer itself (what makes --resume byte-identical)."""
-    from slta.features import GramStore, layer_features, sub, to_compute
+    from slta.engine.features import GramStore, layer_features, sub, to_compute
 
     ins, plan = _inputs(tmp_path)
     tasks, _ = calibration(ins)

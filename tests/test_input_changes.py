@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slta.data_free import DataFree
-from slta.inputs import MergeError
+from slta.io.inputs import MergeError
 from slta.merge import run_merge, run_solve
+from slta.merges.data_free import DataFree
 from tiny import make_data, make_family, write_config
 
 

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from slta import cli
-from slta.calibration import CalibrationError, load_task, read_jsonl, sample_text
 from slta.config import ConfigError, load_config
+from slta.engine.calibration import CalibrationError, load_task, read_jsonl, sample_text
 from tiny import make_data, make_family, make_tokenizer
 
 torch.set_num_threads(1)
@@ -202,7 +202,7 @@ def test_item3_shard_size_parsed_before_work(capsys, family, tmp_path):
     line = cli_error(capsys, ["merge", str(cfg), "-o", str(tmp_path / "out"), "--shard-size", "5XB", "-q"])
     assert "shard size '5XB'" in line
     assert not (tmp_path / "out").exists()
-    from slta.checkpoint import parse_size
+    from slta.io.checkpoint import parse_size
 
     with pytest.raises(ValueError, match="shard size '5XB'"):
         parse_size("5XB")

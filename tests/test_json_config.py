@@ -10,8 +10,8 @@ import sys
 import pytest
 from transformers import AutoConfig, PretrainedConfig
 
-from slta.architecture import SUPPORTED, ArchitectureError, JsonConfig, config_differences, load_config
-from slta.checkpoint import parse_dtype
+from slta.io.architecture import SUPPORTED, ArchitectureError, JsonConfig, config_differences, load_config
+from slta.io.checkpoint import parse_dtype
 from tests.tiny import make_config, make_family, write_config
 
 

@@ -21,9 +21,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slta import figures, linearity
+from slta.analysis import figures, linearity
+from slta.analysis.linearity import analyze, run_analyze, score_of_function
 from slta.config import ConfigError
-from slta.linearity import analyze, run_analyze, score_of_function
 from tiny import make_data, make_family, save_model, write_config
 
 
@@ -412,7 +412,7 @@ def test_a_fine_tune_equal_to_the_base_gives_null_not_nan(tmp_path):
 
 def test_module_of_a_smaller_model_is_refused_before_the_analysis(tmp_path, monkeypatch):
     """`--module layers.9` on a 2-layer model used to fail only after the whole analysis (issue #14)."""
-    import slta.linearity as lin
+    import slta.analysis.linearity as lin
     from slta.config import ConfigError
 
     base, tuned = make_family(tmp_path, "llama", T=2, layers=2)

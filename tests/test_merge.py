@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from scipy.optimize import minimize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slta.checkpoint import Checkpoint
+from slta.io.checkpoint import Checkpoint
 from slta.merge import run_merge, run_solve
 from tiny import make_data, make_family, write_config
 
@@ -223,7 +223,7 @@ def test_model_level_is_one_alpha_for_the_whole_model_lm_head_included(tmp_path)
 
 def test_random_model_of_the_same_shape_is_not_a_fine_tune(tmp_path):
     """Hidden size 64: with norm weights in the distance a random model measured 0.474 < 0.5 (issue #14)."""
-    from slta.inputs import MergeError
+    from slta.io.inputs import MergeError
 
     base, tuned = make_family(tmp_path, "llama", T=2, hidden=64, heads=4, kv_heads=2)
     torch.manual_seed(123)

@@ -110,7 +110,7 @@ def test_task_arithmetic_is_eq1():
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.3, -0.5, 1.2]])
 def test_fine_tunes_as_stored_give_the_bits_of_the_float32_upcast(method, weights):
-    """Data-free methods take bfloat16 fine-tunes as stored (slta.data_free, `tuned_as_stored`): the
+    """Data-free methods take bfloat16 fine-tunes as stored (slta.merges.data_free, `tuned_as_stored`): the
     merge must be bit for bit the one on their exact float32 upcast, signed zeros included."""
     g = torch.Generator().manual_seed(3)
     base = torch.randn(64, 48, generator=g).bfloat16().float()

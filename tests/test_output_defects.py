@@ -56,7 +56,7 @@ def test_a_data_free_merge_that_overflows_float32_is_refused_by_name(tmp_path):
 # -- 3. `slta analyze` prints scores with significant digits ------------------------------------------
 
 def test_analyze_summary_prints_significant_digits():
-    from slta.linearity import format_summary
+    from slta.analysis.linearity import format_summary
 
     data = {"models": ["/m/math", "/m/code"],
             "summary": {"score": {"model": [{"mean": 0.4272, "std": 0.0932}, {"mean": None, "std": None}],
@@ -149,7 +149,7 @@ DEMO_ROWS = ["Base Model", "Fine-tuned Model", "Weight Avg", "Task Arithmetic", 
 def test_figures_distinct_method_colours_alpha_scale_rows_and_report_location(tmp_path, monkeypatch):
     from matplotlib.colors import to_rgb
 
-    from slta import figures
+    from slta.analysis import figures
 
     # the accuracy chart: 13 methods, 13 colours; slta's rows blue and hatched, the others not
     rows = [(n, [(10.0 + k, 0.5 if n.startswith("slta") else None)] * 4) for k, n in enumerate(DEMO_ROWS)]
@@ -198,7 +198,7 @@ def test_readme_tiny_zoo_linearity_numbers_match_a_fresh_run(tmp_path):
     section 6), so each stated end point may be 25% off: the stale numbers were 30-90% off."""
     import re
 
-    from slta.linearity import analyze
+    from slta.analysis.linearity import analyze
     from slta.zoo import TASKS, build_zoo
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

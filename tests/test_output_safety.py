@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-import slta.output
-from slta.checkpoint import ShardedWriter
+import slta.io.output
+from slta.io.checkpoint import ShardedWriter
+from slta.io.output import OutputError, _lock
 from slta.merge import run_merge, run_solve
-from slta.output import OutputError, _lock
 from tiny import make_data, make_family, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_disk_full_at_the_write_names_out_and_the_size(zoo, monkeypatch):
 
 def test_too_little_free_space_is_refused_before_any_work(zoo, monkeypatch):
     tmp, base, tuned, other, data, cfg, slta_cfg = zoo
-    monkeypatch.setattr(slta.output.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 5))
+    monkeypatch.setattr(slta.io.output.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 5))
     with pytest.raises(OutputError, match=r"not enough disk space for output .*out: it needs .* has 5 bytes free"):
         run_merge(cfg, tmp / "out", progress=False)
     assert not (tmp / "out").exists()
@@ -200,7 +200,7 @@ def test_real_small_and_read_only_filesystems(zoo):
         one_line_error(proc, str(point / "out"), "needs")
         assert list(point.iterdir()) == []
         # the pre-check passes when the free space is a lie; the write itself then fails cleanly
-        code = ("import shutil, sys; import slta.output as o; from slta.cli import main;"
+        code = ("import shutil, sys; import slta.io.output as o; from slta.cli import main;"
                 "o.check_free_space = lambda out, needed: None; sys.exit(main(sys.argv[1:]))")
         proc = subprocess.run([sys.executable, "-c", code, "merge", str(cfg), "-o", str(point / "out"), "-q"],
                               capture_output=True, text=True, timeout=300,
@@ -260,7 +260,7 @@ def test_kill_9_midway_then_rerun_cleans_up_and_matches(zoo, caplog):
     ref = snapshot(run_merge(cfg, tmp / "ref", progress=False))
     out = tmp / "out"
     # the writer sleeps after each tensor, so the kill lands midway for certain
-    code = ("import sys, time; from slta.checkpoint import ShardedWriter; w = ShardedWriter._write_at;"
+    code = ("import sys, time; from slta.io.checkpoint import ShardedWriter; w = ShardedWriter._write_at;"
             "ShardedWriter._write_at = staticmethod(lambda *a: (w(*a), time.sleep(0.2)));"
             "from slta.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "merge", str(cfg), "-o", str(out), "-q"],

@@ -76,7 +76,7 @@ def test_refine_zero_is_the_paper_bit_for_bit(tmp_path):
         return (outs[k] / f).read_bytes()
 
     assert read("zero", "model.safetensors") == read("paper", "model.safetensors")
-    from slta.stats import read_stats
+    from slta.merges.stats import read_stats
 
     g_paper, _, _ = read_stats(outs["paper"])
     g_zero, _, _ = read_stats(outs["zero"])

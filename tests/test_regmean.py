@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slta.checkpoint import Checkpoint
+from slta.io.checkpoint import Checkpoint
 from slta.merge import run_merge
 from slta.methods.regmean import regmean_weight, scaled_gram
 from tiny import make_data, make_family, write_config

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from slta.cli import main
-from slta.features import batch_plan
+from slta.engine.features import batch_plan
 from tiny import make_data, make_family, write_config
 
 
@@ -26,11 +26,11 @@ def test_dry_run_prints_a_plan_and_writes_nothing(tmp_path, capsys):
 
 
 def test_estimate_grows_with_the_calibration_batch_and_not_with_depth(tmp_path):
-    from slta.architecture import build_plan
-    from slta.calibration import calibration
     from slta.config import load_config
-    from slta.inputs import open_inputs
-    from slta.memory import estimate
+    from slta.engine.calibration import calibration
+    from slta.io.architecture import build_plan
+    from slta.io.inputs import open_inputs
+    from slta.merges.memory import estimate
 
     peaks = {}
     for layers in (2, 4):
@@ -66,8 +66,8 @@ def test_batch_plan_bounds_samples_and_tokens():
 
 def test_batch_tokens_leaves_the_merge_unchanged(tmp_path):
     """Smaller batches change only how the same per-sample Grams are computed."""
+    from slta.io.checkpoint import Checkpoint
     from slta.merge import run_merge
-    from slta.checkpoint import Checkpoint
 
     base, tuned = make_family(tmp_path, T=2)
     data = make_data(tmp_path, T=2)
@@ -81,8 +81,8 @@ def test_batch_tokens_leaves_the_merge_unchanged(tmp_path):
 
 def test_huge_layers_are_not_read_ahead_nor_upcast_whole(tmp_path, monkeypatch):
     """The 70B path (no read-ahead, submodules upcast one at a time) gives the same merge."""
-    from slta import features
-    from slta.checkpoint import Checkpoint
+    from slta.engine import features
+    from slta.io.checkpoint import Checkpoint
     from slta.merge import run_merge
 
     base, tuned = make_family(tmp_path, T=2)
@@ -114,14 +114,14 @@ def test_tuned_as_stored_is_bit_identical_to_float32_fine_tunes():
 
 
 def test_estimate_counts_the_scale_search_of_scale_auto(tmp_path):
-    """`scale: auto` adds a stage: one hidden state per candidate scale (slta.autoscale), so it grows
+    """`scale: auto` adds a stage: one hidden state per candidate scale (slta.merges.autoscale), so it grows
     with the calibration data like the layer stage, and without it there is no such stage."""
-    from slta.architecture import build_plan
-    from slta.autoscale import AUTO_SCALES
-    from slta.calibration import calibration
     from slta.config import load_config
-    from slta.inputs import open_inputs
-    from slta.memory import estimate
+    from slta.engine.calibration import calibration
+    from slta.io.architecture import build_plan
+    from slta.io.inputs import open_inputs
+    from slta.merges.autoscale import AUTO_SCALES
+    from slta.merges.memory import estimate
 
     base, tuned = make_family(tmp_path, T=2, layers=2, hidden=64, heads=4, kv_heads=2)
     data = make_data(tmp_path, T=2, n=16)

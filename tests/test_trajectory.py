@@ -1,4 +1,4 @@
-"""`targets: trajectory` (slta.trajectory) against an independent whole-model reference.
+"""`targets: trajectory` (slta.merges.trajectory) against an independent whole-model reference.
 
 The reference loads the written merge (every module's α applied, so layer i's input is the merged
 model's, as with `inputs: merged`) and each fine-tune, captures their hidden states with hooks, and solves
@@ -97,7 +97,7 @@ def test_scale_multiplies_every_alpha_and_solve_keeps_it(tmp_path):
         reps[s] = json.loads((out / "slta_report.json").read_text())
     for name, info in reps[1.0]["modules"].items():
         np.testing.assert_allclose(reps[1.5]["modules"][name]["alpha"], 1.5 * np.array(info["alpha"]), rtol=1e-12)
-    from slta.stats import run_solve
+    from slta.merges.stats import run_solve
 
     solved = run_solve(tmp_path / "out1.5" / "slta_stats.safetensors", tmp_path / "solved", progress=False)
     rep = json.loads((solved / "slta_report.json").read_text())

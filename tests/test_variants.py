@@ -21,10 +21,10 @@ from tiny import make_data, make_family, make_tokenizer, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slta.config import ConfigError, load_config
-from slta.inputs import MergeError
+from slta.engine.tokens import counted_positions
+from slta.io.inputs import MergeError
 from slta.merge import run_merge
-from slta.stats import run_solve
-from slta.tokens import counted_positions
+from slta.merges.stats import run_solve
 
 torch.set_num_threads(1)
 N = 5  # samples per task

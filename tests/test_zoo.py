@@ -167,7 +167,7 @@ def chat_zoo(tiny_zoo, tmp_path_factory) -> Path:
 def test_chat_template_renders_calibration_and_evaluation(chat_zoo):
     """Training text, the calibration files ({"messages"}) and the evaluation prompts are one
     rendering of the tokenizer's chat_template, each with exactly one <s>."""
-    from slta.calibration import sample_text
+    from slta.engine.calibration import sample_text
     from slta.zoo.chat import CHAT_TEMPLATE
     from slta.zoo.train import encode_examples
 
@@ -244,7 +244,7 @@ def test_chat_rebuild_that_keeps_the_base_reuses_it(chat_zoo, tiny_zoo, tmp_path
 def test_parallel_zoo_builds_match_sequential_ones(tmp_path):
     """The demo builds independent zoos in parallel processes (one thread each): same bytes as one at
     a time. The chat kind of a default-size demo lives in its own small-size folders."""
-    from slta.demo_zoos import build_zoos, zoo_dir
+    from slta.demo.zoos import build_zoos, zoo_dir
 
     built = build_zoos(tmp_path / "par", "tiny", ("hard",), [0, 1], SMALL, threads=1, progress=False, jobs=2)
     assert set(built) == {("hard", 0), ("hard", 1)}

@@ -4,9 +4,9 @@ Two kinds of method exist:
 
 * data-free methods (task_arithmetic, linear, ties, dare, ...) merge one tensor at a time
   from the base tensor and the T fine-tuned tensors. They implement :class:`TensorMethod`
-  and the streaming engine (``slta.engine``, client ``slta.data_free``) feeds them tensor by tensor.
+  and the streaming engine (``slta.engine.walk``, client ``slta.merges.data_free``) feeds them tensor by tensor.
 * data-driven methods (``slta``, ``regmean``) need calibration data and a streamed base
-  forward pass; they run as their own engine clients (slta.closed_form, slta.regmean_stream) and are only
+  forward pass; they run as their own engine clients (slta.merges.closed_form, slta.merges.regmean) and are only
   registered here by name so that config validation knows them.
 """
 
@@ -80,7 +80,7 @@ def names() -> list[str]:
 # Importing the method modules registers them.
 from slta.methods import breadcrumbs, consensus_ta, dare, linear, regmean, task_arithmetic, ties  # noqa: E402,F401
 
-# Data-driven methods: implemented by engine clients (slta.closed_form / slta.regmean_stream).
+# Data-driven methods: implemented by engine clients (slta.merges.closed_form / slta.merges.regmean).
 register(
     Method(
         name="slta",
@@ -92,11 +92,11 @@ register(
             "balance": True,
             "max_length": 2048,
             "batch_size": 8,  # calibration samples per batch
-            "batch_tokens": 16384,  # padded tokens per batch at most (bounds the activations; slta.memory)
-            "inputs": "base",  # beyond the paper: merged (A.5.3, slta.progressive)
-            "tokens": "all",  # beyond the paper: response, response_shifted (slta.tokens)
-            "refine": 0,  # beyond the paper: Gauss-Newton steps on Eq. 10 (slta.refine)
-            "targets": "module",  # beyond the paper: trajectory, the fine-tunes' own states (slta.trajectory)
+            "batch_tokens": 16384,  # padded tokens per batch at most (bounds the activations; slta.merges.memory)
+            "inputs": "base",  # beyond the paper: merged (A.5.3, slta.merges.progressive)
+            "tokens": "all",  # beyond the paper: response, response_shifted (slta.engine.tokens)
+            "refine": 0,  # beyond the paper: Gauss-Newton steps on Eq. 10 (slta.merges.refine)
+            "targets": "module",  # beyond the paper: trajectory, the fine-tunes' own states (slta.merges.trajectory)
             "scale": 1.0,  # beyond the paper: every α times this; a one-parameter search, like λ (docs/methods.md)
         },
         reference="Dai et al., Leveraging Submodule Linearity Enhances Task Arithmetic Performance in LLMs, ICLR 2025",

@@ -9,7 +9,7 @@ calls it reduce_non_diagonal_ratio), which regularises towards plain averaging.
 As in slta, the inputs X_t come from the *base* model run on the same calibration samples, streamed
 layer by layer. The lm_head is a linear layer too (input: the base's normalised final hidden states).
 Parameters of no linear layer (embeddings, norms) and linear biases are averaged. The streaming
-merge (a client of slta.engine) is slta.regmean_stream.run_regmean.
+merge (a client of slta.engine.walk) is slta.merges.regmean.run_regmean.
 Linear systems are solved by Cholesky; when Σ G_t is singular (alpha = 1 with fewer tokens than
 input features) the minimum-norm least-squares solution is used, and reported.
 
@@ -17,7 +17,7 @@ RegMean++ (`regmean_plusplus`; Nguyen et al. 2025, arXiv:2508.03121) is the same
 inputs taken from the merge: task t's input of layer l is the *merged* layer l-1's output on task t's
 stream (cross-layer dependence), and inside layer l the inputs of its linears are those of candidate
 t's own layer l on that stream (intra-layer dependence), X_t^(l,j) from f_t^(l)(X_t^(l)). See
-slta.regmean_stream.
+slta.merges.regmean.
 """
 
 from __future__ import annotations

