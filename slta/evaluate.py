@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import slta
-from slta.compat import cache_kwarg
+from slta.engine.compat import cache_kwarg
 
 SPLIT_NAMES = ("test", "val", "validation", "calib", "train", "dev")
 

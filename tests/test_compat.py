@@ -67,7 +67,7 @@ def test_cache_kwarg_is_the_name_forward_takes_and_returns():
 
     from transformers import LlamaForCausalLM
 
-    from slta.compat import cache_kwarg
+    from slta.engine.compat import cache_kwarg
 
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1)
