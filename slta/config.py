@@ -298,14 +298,28 @@ def _validate_variants(cfg: MergeConfig, where: str, granularity: str) -> None:
     if targets == "trajectory" and (inputs != "merged" or granularity not in ("layer", "attn_mlp") or refine):
         raise ConfigError(f"{where}: parameters.targets: trajectory needs inputs: merged and refine: 0, at "
                           f"granularity layer or attn_mlp (got inputs: {inputs}, refine: {refine}, {granularity})")
-    if scale == "auto":
+    if scale in ("auto", "auto_task"):
         if inputs != "base" or refine or targets != "module":
-            raise ConfigError(f"{where}: parameters.scale: auto needs inputs: base, refine: 0 and targets: module "
+            raise ConfigError(f"{where}: parameters.scale: {scale} needs inputs: base, refine: 0 and targets: module "
                               f"(the search scales α after the solve)")
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-        raise ConfigError(f"{where}: parameters.scale: expected a positive number or auto, got {scale!r}")
+    elif isinstance(scale, list):  # one factor per model, in the models' order (issue #28)
+        if len(scale) != len(cfg.models) or not all(_positive(s) for s in scale):
+            raise ConfigError(f"{where}: parameters.scale: a list needs one positive number per model "
+                              f"({len(cfg.models)}), got {scale!r}")
+        if refine and any(s != 1 for s in scale):
+            raise ConfigError(f"{where}: parameters.scale: not with refine (the Gauss-Newton steps would undo it)")
+    elif not _positive(scale):
+        raise ConfigError(f"{where}: parameters.scale: expected a positive number, one per model, auto or "
+                          f"auto_task, got {scale!r}")
     elif scale != 1 and refine:
         raise ConfigError(f"{where}: parameters.scale: not with refine (the Gauss-Newton steps would undo it)")
+    margin = cfg.param("scale_margin")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < float("inf"):
+        raise ConfigError(f"{where}: parameters.scale_margin: expected a non-negative number, got {margin!r}")
+
+
+def _positive(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and 0 < x < float("inf")
 
 
 _DEVICE_RE = re.compile(r"cpu|cuda|cuda:\d+|auto|mps")

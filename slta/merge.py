@@ -71,11 +71,11 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     out = Path(out)
     report: dict[str, Any] = {"method": method.name}
     variant = method.name == "slta" and (cfg.param("inputs") == "merged" or cfg.param("refine")
-                                         or cfg.param("scale") == "auto")
+                                         or cfg.param("scale") in ("auto", "auto_task"))
     resumable = resume and not (method.name in ("regmean", "regmean_plusplus") or granularity == "model" or variant)
     if resume and not resumable:
         why = ("two passes over the model" if granularity == "model" else
-               "inputs: merged / refine / scale: auto keep no journal" if variant else "no journal")
+               "inputs: merged / refine / scale: auto(_task) keep no journal" if variant else "no journal")
         log.warning("%s merges are not resumable (%s); this run starts from the beginning", method.name, why)
     needed = output_bytes(ins, plan)
     with atomic_output(out, overwrite, resume=resumable, inputs=inputs, needed=needed) as tmp:

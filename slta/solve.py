@@ -20,6 +20,7 @@ data) α = 0. The rule used, the rank and the condition number are reported; α 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +42,10 @@ class Solution:
     b: np.ndarray = field(repr=False)
     skipped_samples: int = 0  # balanced: samples whose every feature difference is zero
 
-    def scaled(self, scale: float) -> Solution:
-        """The same solution with α multiplied by `scale` (the `scale` parameter; 1: the paper)."""
-        if scale == 1:
+    def scaled(self, scale: float | np.ndarray) -> Solution:
+        """The same solution with α multiplied by `scale` (the `scale` parameter; 1: the paper): a number,
+        or one factor per task (issue #28)."""
+        if np.all(np.asarray(scale) == 1):
             return self
         return Solution(self.alpha * scale, self.rule, self.rank, self.cond, self.A, self.b, self.skipped_samples)
 
@@ -125,3 +127,15 @@ def solve_module(grams: np.ndarray, tasks: np.ndarray, balance: bool = True, mod
 
 
 slta._as_command(__name__)  # `slta.solve(...)` runs slta.merges.stats.run_solve (see slta/__init__.py)
+
+
+def scale_factors(scale: Any, models: list[int] | None = None) -> float | np.ndarray:
+    """What α are multiplied by after the solve, from the merge's `scale` parameter: a number, or one factor
+    per model (of the config's models; `models` picks a subset's, as `slta solve --models` does); 1 while
+    `auto` / `auto_task` have not chosen yet (slta.merges.autoscale)."""
+    if scale in ("auto", "auto_task"):
+        return 1.0
+    if isinstance(scale, (list, tuple, np.ndarray)):
+        factors = np.asarray(scale, dtype=np.float64)
+        return factors if models is None else factors[list(models)]
+    return float(scale)

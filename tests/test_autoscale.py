@@ -90,3 +90,102 @@ def test_solve_refuses_scale_auto_statistics(tmp_path):
     with pytest.raises(MergeError, match="scale: auto, which needs a forward pass"):
         run_solve(out, tmp_path / "solved", progress=False)
     assert not (tmp_path / "solved").exists()
+
+
+def test_scale_per_model_multiplies_each_tasks_alpha_and_solve_picks_the_subsets(tmp_path):
+    """`scale: [c_1, ..., c_T]`: each task's α times its own factor, in the merge and in `slta solve`
+    (a subset keeps its models' factors; `scale=` replaces them)."""
+    from slta.merges.stats import run_solve
+
+    T = 3
+    base, tuned = make_family(tmp_path, "llama", T=T, layers=1, scale=0.3)
+    data = make_data(tmp_path, T=T, n=8)
+    params = dict(granularity="attn_mlp", num_samples=N)
+    paper = run_merge(write_config(tmp_path / "p.yml", base, tuned, data, **params), tmp_path / "p", progress=False)
+    factors = [1.5, 0.5, 2.0]
+    out = run_merge(write_config(tmp_path / "c.yml", base, tuned, data, scale=factors, **params), tmp_path / "c",
+                    progress=False)
+    ref = json.loads((paper / "slta_report.json").read_text())["modules"]
+    got = json.loads((out / "slta_report.json").read_text())
+    assert got["scale"] == factors
+    for name, info in got["modules"].items():
+        np.testing.assert_allclose(info["alpha"], np.array(ref[name]["alpha"]) * factors, rtol=1e-12)
+    # the weights: θ_0 + Σ_t c_t α_t τ_t, recomputed here in float64 from the paper's α
+    w0, ws = load_file(base / "model.safetensors"), [load_file(t / "model.safetensors") for t in tuned]
+    merged = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    alpha = np.array(ref["layers.0.mlp"]["alpha"]) * factors
+    expect = w0[name].double() + sum(a * (w[name].double() - w0[name].double()) for a, w in zip(alpha, ws))
+    torch.testing.assert_close(merged[name].double(), expect, rtol=1e-5, atol=1e-6)
+    # slta solve on models 0 and 2: their factors (1.5, 2.0); or factors given
+    pair = json.loads((run_solve(out / "slta_stats.safetensors", tmp_path / "s", models=[0, 2], progress=False)
+                       / "slta_report.json").read_text())
+    plain = json.loads((run_solve(paper / "slta_stats.safetensors", tmp_path / "s1", models=[0, 2], progress=False)
+                        / "slta_report.json").read_text())
+    given = json.loads((run_solve(paper / "slta_stats.safetensors", tmp_path / "s2", models=[0, 2], progress=False,
+                                  scale=[1.5, 2.0]) / "slta_report.json").read_text())
+    for name, info in plain["modules"].items():
+        np.testing.assert_allclose(pair["modules"][name]["alpha"], np.array(info["alpha"]) * [1.5, 2.0], rtol=1e-12)
+        np.testing.assert_allclose(given["modules"][name]["alpha"], pair["modules"][name]["alpha"], rtol=1e-12)
+
+
+def test_scale_auto_task_matches_whole_models_and_the_margin_rule(tmp_path):
+    """`scale: auto_task`: each task's fine-tune loss and its loss under every factor (that task's α times f)
+    equal whole transformers models' on that task's calibration responses; the chosen factors follow
+    the rule (the smallest f within the margin of the fine-tune's loss, else the lowest loss) and the
+    written merge is the merge with those factors."""
+    from slta.merges.autoscale import TASK_FACTORS
+
+    T = 2
+    base, tuned = make_family(tmp_path, "llama", T=T, layers=2, scale=0.3)
+    data = make_data(tmp_path, T=T, n=10)
+    params = dict(granularity="layer", num_samples=N, batch_size=3)
+    margin = 0.02
+    auto = run_merge(write_config(tmp_path / "a.yml", base, tuned, data, scale="auto_task", scale_margin=margin,
+                                  **params), tmp_path / "auto", progress=False)
+    search = json.loads((auto / "slta_report.json").read_text())["scale_search"]
+    ins = open_inputs(load_config(tmp_path / "a.yml"))
+    tasks, _, masks = calibration_masks(ins, "response")
+    own = [reference_losses(tuned[t], tasks, masks)[t] for t in range(T)]
+    np.testing.assert_allclose(search["fine_tune_loss"], own, rtol=1e-5)
+    chosen = []
+    for t in range(T):
+        loss = []
+        for f in TASK_FACTORS:
+            factors = [f if u == t else 1.0 for u in range(T)]
+            folder = run_merge(write_config(tmp_path / f"f{t}{f}.yml", base, tuned, data, scale=factors, **params),
+                               tmp_path / f"f{t}-{f}", progress=False)
+            loss.append(reference_losses(folder, tasks, masks)[t])
+        np.testing.assert_allclose(search["loss"][t], loss, rtol=1e-5, err_msg=f"task {t}")
+        within = [f for f, v in zip(TASK_FACTORS, loss) if v <= own[t] + margin]
+        chosen.append(min(within) if within else TASK_FACTORS[int(np.argmin(loss))])
+    assert search["chosen"] == chosen
+    fixed = run_merge(write_config(tmp_path / "c.yml", base, tuned, data, scale=chosen, **params), tmp_path / "c",
+                      progress=False)
+    a, b = load_file(auto / "model.safetensors"), load_file(fixed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"scale": [1.0]}, "one positive number per model"),
+    ({"scale": [1.0, 0.0]}, "one positive number per model"),
+    ({"scale": [1.0, True]}, "one positive number per model"),
+    ({"scale": "auto_task", "inputs": "merged"}, "auto_task needs inputs: base"),
+    ({"scale": [1.0, 1.2], "refine": 1}, "not with refine"),
+    ({"scale_margin": -0.1}, "scale_margin: expected a non-negative number"),
+    ({"scale": "autotask"}, "auto or auto_task"),
+])
+def test_scale_config_errors(tmp_path, params, match):
+    raw = {"merge_method": "slta", "base_model": str(tmp_path), "parameters": params,
+           "models": [{"model": str(tmp_path / m), "data": str(tmp_path / f"{m}.jsonl")} for m in "ab"]}
+    with pytest.raises(ConfigError, match=match):
+        load_config(raw)
+
+
+def test_task_factor_rule():
+    from slta.merges.autoscale import task_factor
+
+    factors = (0.8, 1.0, 1.2, 1.4)
+    assert task_factor(0.1, [0.5, 0.3, 0.12, 0.11], factors, 0.05) == 1.2  # the smallest within the margin
+    assert task_factor(0.1, [0.5, 0.3, 0.12, 0.11], factors, 0.0) == 1.4  # none within: the lowest loss
+    assert task_factor(0.1, [0.09, 0.3, 0.12, 0.11], factors, 0.0) == 0.8  # below the fine-tune's own counts

@@ -73,6 +73,12 @@ def variant_sentence(report: dict[str, Any]) -> str:
     if report.get("scale") == "auto" and report.get("scale_search"):
         extra.append(f"with every α multiplied by {report['scale_search']['chosen']}, the scale with the lowest "
                      f"next-token loss on the calibration responses (`scale: auto`)")
+    elif report.get("scale") == "auto_task" and report.get("scale_search"):
+        extra.append(f"with each task's α multiplied by its own factor, {report['scale_search']['chosen']} in the "
+                     f"models' order: the smallest bringing that task's calibration-response loss within "
+                     f"{report['scale_search']['margin']} of its fine-tune's (`scale: auto_task`)")
+    elif isinstance(report.get("scale"), list):
+        extra.append(f"with each task's α multiplied by its own factor, {report['scale']} in the models' order (`scale`)")
     elif report.get("scale", 1) != 1:
         extra.append(f"with every α multiplied by {report['scale']} (`scale`)")
     if report.get("refine"):

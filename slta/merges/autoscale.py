@@ -20,6 +20,12 @@ How. A second walk over the model after the solve (`ScaleSearch`, an engine clie
 forward pass for every candidate s at once, one layer in memory (each candidate's hidden states are kept,
 |S| copies of the calibration activations), then the final norm and lm_head in vocabulary row blocks
 with a running log-sum-exp, so the full logits never exist. A third walk writes the merge with s* α.
+
+`scale: auto_task` (issue #28): one factor per task instead, each the smallest that brings the merge's loss
+on that task's calibration responses within `scale_margin` of the fine-tune's own loss there (tasks need
+different strengths: on SmolLM2 a language the base never saw needs its whole task vector while math
+degrades as λ grows). Candidates vary one task's α at a time and run on that task's samples only
+(`search_task_scales`). A list `scale: [c_1, ..., c_T]` sets the factors by hand (or a validation search).
 """
 
 from __future__ import annotations
@@ -39,21 +45,28 @@ if TYPE_CHECKING:
     from slta.engine.features import Batch
 
 AUTO_SCALES = (1.0, 1.2, 1.4, 1.6, 1.8)
+TASK_FACTORS = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # auto_task: one task's α times f, the others' as solved
 
 
 class ScaleSearch(Client):
-    """The merged model's response loss for every candidate scale (module docstring)."""
+    """The merged model's response loss for every candidate α (module docstring). ``only[j]``: the task
+    whose samples candidate j runs on (None: every task's)."""
 
     desc = "slta: scale search"
 
-    def __init__(self, ins: Inputs, plan: Plan, stream: Stream, alphas: dict[str, np.ndarray],
-                 scales: tuple[float, ...] = AUTO_SCALES):
-        self.ins, self.plan, self.stream, self.scales = ins, plan, stream, scales
-        self.alphas = [{k: np.asarray(a) * s for k, a in alphas.items()} for s in scales]
-        self.hs: dict[int, list[torch.Tensor]] = {}  # id(batch) -> hidden state per scale
+    def __init__(self, ins: Inputs, plan: Plan, stream: Stream, candidates: list[dict[str, np.ndarray]],
+                 only: list[int | None] | None = None):
+        self.ins, self.plan, self.stream = ins, plan, stream
+        self.alphas = candidates
+        self.only = only or [None] * len(candidates)
+        self.hs: dict[int, dict[int, torch.Tensor]] = {}  # id(batch) -> {candidate: hidden state}
         T = len(ins.tuned)
-        self.loss = np.zeros((len(scales), T))  # summed -log p per scale and task
+        self.loss = np.zeros((len(candidates), T))  # summed -log p per candidate and task
         self.count = np.zeros(T)  # response tokens per task
+        self.counted: set[int] = set()
+
+    def runs(self, j: int, b: Batch) -> bool:
+        return self.only[j] is None or self.only[j] == b.task
 
     def reads(self, label: str) -> bool:
         return label not in ("embed", "head")  # read in row blocks below
@@ -67,12 +80,12 @@ class ScaleSearch(Client):
         runner = self.stream.runner
         for b in self.stream.batches:
             b.h = torch.zeros(*b.ids.shape, hidden, device=runner.device, dtype=runner.dtype)
-        per_scale = []
-        for al in self.alphas:  # the merged embedding's rows, E_0[ids] + Σ_t s α_t (E_t - E_0)[ids] (Eq. 1)
+        self.hs = {id(b): {} for b in self.stream.batches}
+        for j, al in enumerate(self.alphas):  # the merged embedding's rows, E_0[ids] + Σ_t α_t (E_t - E_0)[ids] (Eq. 1)
             merged_embedding_input(self, al[module])
-            per_scale.append([b.h for b in self.stream.batches])
-        for k, b in enumerate(self.stream.batches):
-            self.hs[id(b)] = [hs[k] for hs in per_scale]
+            for b in self.stream.batches:
+                if self.runs(j, b):
+                    self.hs[id(b)][j] = b.h
 
     def layer(self, i: int, names: list[str], loaded: Loaded | None) -> None:
         from slta.engine.features import sub, to_compute
@@ -83,9 +96,10 @@ class ScaleSearch(Client):
         for j, al in enumerate(self.alphas):
             merged = to_compute(merged_layer(self.plan, i, versions, al, runner.dtype), runner.device, runner.dtype)
             for b in self.stream.batches:
-                self.hs[id(b)][j] = runner.layer_out(i, merged, self.hs[id(b)][j], b)
+                if self.runs(j, b):
+                    self.hs[id(b)][j] = runner.layer_out(i, merged, self.hs[id(b)][j], b)
         for b in self.stream.batches:
-            b.h = self.hs[id(b)][0]  # the engine's contract; nothing reads it after this pass
+            b.h = next(iter(self.hs[id(b)].values()))  # the engine's contract; nothing reads it after this pass
 
     def head(self, names: list[str], loaded: Loaded | None) -> None:
         ins, plan, runner = self.ins, self.plan, self.stream.runner
@@ -96,10 +110,11 @@ class ScaleSearch(Client):
         norm_mod = runner.model.model.norm
         vocab = ins.base.shapes[weight][0]
         batches = self.stream.batches
-        xs = []  # [scale][batch]: the final norm (merged with that scale's α) of the hidden state
+        xs = []  # [candidate][batch]: the final norm (merged with that candidate's α) of the hidden state
         for j, al in enumerate(self.alphas):
             norm = combine("model.norm.weight", norm_versions[0], norm_versions[1:], parts["model.norm.weight"], al)
-            xs.append([functional_call(norm_mod, {"weight": norm.to(dev, dt)}, (self.hs[id(b)][j],)) for b in batches])
+            xs.append([functional_call(norm_mod, {"weight": norm.to(dev, dt)}, (self.hs[id(b)][j],))
+                       if self.runs(j, b) else None for b in batches])
         nxt = []  # position p predicts token p+1
         for b in batches:
             n = torch.zeros_like(b.ids)
@@ -113,6 +128,8 @@ class ScaleSearch(Client):
             for j, al in enumerate(self.alphas):
                 w = combine(weight, blocks[0], blocks[1:], parts[weight], al, (lo, hi)).to(dev, dt)
                 for k, x in enumerate(xs[j]):
+                    if x is None:  # a candidate that does not run on this batch's task
+                        continue
                     # logits stay in the compute dtype (one block: tokens x ROW_BLOCK); the running sums are float64
                     logits = x @ w.T  # (b, s, rows)
                     lse[j][k] = torch.logaddexp(lse[j][k], logits.logsumexp(-1).double())
@@ -122,24 +139,29 @@ class ScaleSearch(Client):
             del blocks  # before the next block is read
         for j in range(len(self.alphas)):
             for k, b in enumerate(batches):
-                self._add(j, b, lse[j][k] - picked[j][k])
+                if xs[j][k] is not None:
+                    self._add(j, b, lse[j][k] - picked[j][k])
 
     def _add(self, j: int, b: Batch, nll: torch.Tensor) -> None:
         """Sum -log p over the positions whose *next* token is a response token."""
         target = torch.zeros_like(b.valid)
         target[:, :-1] = b.counted[:, 1:] & b.valid[:, 1:]
         self.loss[j, b.task] += float(nll[target].sum())
-        if j == 0:
+        if id(b) not in self.counted:
+            self.counted.add(id(b))
             self.count[b.task] += int(target.sum())
 
-    def result(self) -> dict[str, Any]:
-        """{"scales", "loss" (per scale: the per-task mean loss), "objective" (mean over tasks), "chosen"}."""
-        per_task = self.loss / np.maximum(self.count, 1)[None, :]
+    def per_task(self) -> np.ndarray:
+        """(candidates, T): the mean -log p per response token (0 where a candidate did not run)."""
+        return self.loss / np.maximum(self.count, 1)[None, :]
+
+    def result(self, scales: tuple[float, ...]) -> dict[str, Any]:
+        """`scale: auto`: {"loss" (per scale: the per-task mean loss), "objective" (mean over tasks), "chosen"}."""
+        per_task = self.per_task()
         objective = per_task.mean(axis=1)
         best = int(np.argmin(objective))
-        return {"scales": list(self.scales), "loss": per_task.round(6).tolist(),
-                "objective": objective.round(6).tolist(), "chosen": self.scales[best],
-                "response_tokens": self.count.astype(int).tolist()}
+        return {"loss": per_task.round(6).tolist(), "objective": objective.round(6).tolist(),
+                "chosen": scales[best], "response_tokens": self.count.astype(int).tolist()}
 
 
 def search_scale(ins: Inputs, plan: Plan, alphas: dict[str, np.ndarray], device: torch.device,
@@ -151,6 +173,53 @@ def search_scale(ins: Inputs, plan: Plan, alphas: dict[str, np.ndarray], device:
     cfg = ins.cfg
     tasks, _, masks = calibration_masks(ins, "response")
     stream = Stream.open(ins, plan, tasks, device, dtype, cfg.param("batch_size"), masks, cfg.param("batch_tokens"))
-    client = ScaleSearch(ins, plan, stream, alphas)
+    client = ScaleSearch(ins, plan, stream, [{k: np.asarray(a) * s for k, a in alphas.items()} for s in AUTO_SCALES])
     walk(ins, plan, client, progress)
-    return client.result()
+    return {"scales": list(AUTO_SCALES), **client.result(AUTO_SCALES)}
+
+
+def task_factor(own: float, loss: list[float], factors: tuple[float, ...], margin: float) -> float:
+    """auto_task's rule for one task: the smallest factor whose loss is within `margin` of the fine-tune's
+    own (`own`), else the factor of the lowest loss."""
+    within = [f for f, v in zip(factors, loss) if v <= own + margin]
+    return min(within) if within else factors[int(np.argmin(loss))]
+
+
+def search_task_scales(ins: Inputs, plan: Plan, alphas: dict[str, np.ndarray], device: torch.device,
+                       dtype: torch.dtype, progress: bool, margin: float,
+                       factors: tuple[float, ...] = TASK_FACTORS) -> dict[str, Any]:
+    """`scale: auto_task` (issue #28): one factor per task, from the calibration responses alone.
+
+    For task t: the fine-tune's own loss on t's calibration responses (the merge with α = e_t in every
+    module is θ_t), and the merge's loss there with t's α times f for every f in ``factors``, the other
+    tasks' α as solved. c_t is the smallest f whose loss is within ``margin`` (nats per response token) of
+    the fine-tune's own, or the f of the lowest loss if none is: as much of the task as its own answers
+    need, and no more (more only adds interference on the others). Each candidate runs on its task's
+    samples only; the T factors are chosen one task at a time, not jointly."""
+    from slta.engine.calibration import calibration_masks
+    from slta.engine.walk import walk
+
+    cfg = ins.cfg
+    T = len(ins.tuned)
+    tasks, _, masks = calibration_masks(ins, "response")
+    stream = Stream.open(ins, plan, tasks, device, dtype, cfg.param("batch_size"), masks, cfg.param("batch_tokens"))
+    candidates, only = [], []
+    for t in range(T):
+        onehot = np.eye(T)[t]
+        candidates.append({k: onehot.copy() for k in alphas})  # θ_0 + (θ_t - θ_0) in every module: the fine-tune
+        only.append(t)
+        for f in factors:
+            scaled = np.ones(T)
+            scaled[t] = f
+            candidates.append({k: np.asarray(a) * scaled for k, a in alphas.items()})
+            only.append(t)
+    client = ScaleSearch(ins, plan, stream, candidates, only)
+    walk(ins, plan, client, progress)
+    per = client.per_task()
+    n = len(factors) + 1
+    own = [float(per[t * n, t]) for t in range(T)]
+    loss = [[float(per[t * n + 1 + i, t]) for i in range(len(factors))] for t in range(T)]
+    chosen = [task_factor(own[t], loss[t], factors, margin) for t in range(T)]
+    return {"factors": list(factors), "margin": margin, "fine_tune_loss": [round(v, 6) for v in own],
+            "loss": [[round(v, 6) for v in row] for row in loss], "chosen": chosen,
+            "response_tokens": client.count.astype(int).tolist()}

@@ -24,7 +24,7 @@ from slta.io.checkpoint import ShardedWriter
 from slta.io.inputs import Inputs, check_finite
 from slta.io.journal import Journal
 from slta.merges.write import write_alpha_tensors, write_alphas
-from slta.solve import Solution, solve_module
+from slta.solve import Solution, scale_factors, solve_module
 
 if TYPE_CHECKING:  # slta.engine.features imports transformers' attention code (~1 s): only the closed form needs it
     from slta.engine.features import Batch, GramStore, Runner
@@ -69,8 +69,9 @@ class ClosedForm(Client):
             from slta.merges.trajectory import Targets
 
             self.targets = Targets(len(task_of), len(ins.tuned))
-        # a number: every α times it (the one-parameter fallback); "auto": chosen after the solve (autoscale.py)
-        self.scale = 1.0 if ins.cfg.param("scale") == "auto" else float(ins.cfg.param("scale"))
+        # a number: every α times it (the one-parameter fallback); one per model: each task's α times its own
+        # (issue #28); "auto" / "auto_task": chosen after the solve (autoscale.py)
+        self.scale = scale_factors(ins.cfg.param("scale"))
         self.refined: dict[str, dict[str, Any]] = {}
         self.sols: dict[str, Solution] = {}
         self.alphas: dict[str, np.ndarray] = {}
@@ -203,20 +204,24 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
     journal = journal or Journal(None, "")
     for name, g in journal.grams().items():  # resuming: the statistics gathered so far
         store.g[name].copy_(g.to(device))
-    auto = cfg.param("scale") == "auto"  # α are final only after the scale search: written afterwards
+    auto = cfg.param("scale") in ("auto", "auto_task")  # α are final only after the search: written afterwards
     client = ClosedForm(ins, plan, None if auto else writer, stream, store, task_of, journal)
     t_feat = time.perf_counter()
     walk(ins, plan, client, progress, show_label=True)  # a reader thread loads layer i+1 while layer i computes
     timings["features_and_solve"] = time.perf_counter() - t_feat
     search = None
     if auto:  # a second pass: the merged model's response loss per candidate scale (slta.merges.autoscale)
-        from slta.merges.autoscale import search_scale
+        from slta.merges.autoscale import search_scale, search_task_scales
 
         client.stream = None  # the Grams' batches are not needed any more
         del stream
         t_s = time.perf_counter()
-        search = search_scale(ins, plan, client.alphas, device, compute_dtype, progress)
-        client.sols = {k: s.scaled(search["chosen"]) for k, s in client.sols.items()}
+        if cfg.param("scale") == "auto":
+            search = search_scale(ins, plan, client.alphas, device, compute_dtype, progress)
+        else:
+            search = search_task_scales(ins, plan, client.alphas, device, compute_dtype, progress,
+                                        float(cfg.param("scale_margin")))
+        client.sols = {k: s.scaled(np.asarray(search["chosen"])) for k, s in client.sols.items()}
         client.alphas = {k: s.alpha for k, s in client.sols.items()}
         timings["scale_search"] = time.perf_counter() - t_s
     if (client.model_level or auto) and writer:  # α is known only now: another pass writes every tensor

@@ -141,12 +141,14 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
         # the engine reads layer 0 while the embedding stage (row blocks, its own reads) runs
         est.ram = {"embed": BASE_RSS + max(embed, write_rows) + G,
                    "layers": BASE_RSS + G + ahead + max(feats, write + hidden_all), "head": BASE_RSS + max(head, write_rows)}
-    if cfg.param("scale") == "auto":  # the second walk (slta.merges.autoscale): every candidate's hidden states
-        from slta.merges.autoscale import AUTO_SCALES
+    if cfg.param("scale") in ("auto", "auto_task"):  # the second walk (slta.merges.autoscale): candidates' hidden states
+        from slta.merges.autoscale import AUTO_SCALES, TASK_FACTORS
 
-        search = len(AUTO_SCALES) * hidden_all + (one * T1 if whole else one) + batch
-        est.notes.append(f"scale: auto: a second pass holds {len(AUTO_SCALES)} copies of the calibration "
-                         f"activations ({_gib(len(AUTO_SCALES) * hidden_all)} GiB)")
+        # auto_task: 1 + |factors| candidates per task, each on its own task's samples
+        copies = len(AUTO_SCALES) if cfg.param("scale") == "auto" else len(TASK_FACTORS) + 1
+        search = copies * hidden_all + (one * T1 if whole else one) + batch
+        est.notes.append(f"scale: {cfg.param('scale')}: a second pass holds {copies} copies of the calibration "
+                         f"activations ({_gib(copies * hidden_all)} GiB)")
         if gpu:
             est.ram["scale search"] = BASE_RSS + G + ahead
             est.vram["scale search"] = CUDA_CONTEXT + search

@@ -26,7 +26,7 @@ from slta.io.inputs import Inputs, MergeError, input_paths, open_inputs, output_
 from slta.io.output import atomic_output, changed_inputs, check_output, finish_folder, input_fingerprints
 from slta.merges.closed_form import SltaResult
 from slta.merges.write import write_alphas
-from slta.solve import solve_module
+from slta.solve import scale_factors, solve_module
 
 
 def write_stats(path: Path, cfg: MergeConfig, ins: Inputs, plan: Plan, res: SltaResult) -> None:
@@ -76,7 +76,8 @@ def check_solvable(meta: dict[str, Any], stats: str | Path) -> None:
     closed form: both need a forward pass (`slta merge`)."""
     params = (meta.get("config") or {}).get("parameters") or {}
     needs = [f"{k}: {params[k]}" for k, paper in (("inputs", "base"), ("refine", 0), ("targets", "module"))
-             if params.get(k, paper) != paper] + (["scale: auto"] if params.get("scale") == "auto" else [])
+             if params.get(k, paper) != paper] + ([f"scale: {params['scale']}"]
+                                                  if params.get("scale") in ("auto", "auto_task") else [])
     if needs:
         raise MergeError(f"statistics {stats}: measured with {' and '.join(needs)}, which needs a forward pass: "
                          f"`slta solve` cannot re-solve it from saved statistics; run `slta merge` instead")
@@ -96,10 +97,12 @@ def sample_subset(tasks: np.ndarray, num_samples: int, seed: int = 0) -> np.ndar
 
 def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = None, balance: bool | None = None,
               overwrite: bool = False, shard_size: str | int = "5GB", dtype: str | None = None,
-              progress: bool = True, num_samples: int | None = None, sample_seed: int = 0) -> Path:
+              progress: bool = True, num_samples: int | None = None, sample_seed: int = 0,
+              scale: float | list[float] | None = None) -> Path:
     """`slta solve STATS -o OUT`: re-solve α from saved Grams for any subset of the models, plain or
     balanced, and write the merge. No forward pass: only the T+1 checkpoints are read again.
-    `num_samples` keeps that many saved samples per task (`sample_subset`, seeded by `sample_seed`)."""
+    `num_samples` keeps that many saved samples per task (`sample_subset`, seeded by `sample_seed`).
+    `scale` replaces the merge's `scale` (a number, or one factor per model of the subset, in its order)."""
     started = time.perf_counter()
     grams, tasks, meta = read_stats(stats)
     check_solvable(meta, stats)
@@ -126,6 +129,10 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
     raw["base_model"] = meta["base_model"]
     raw["models"] = [{**raw["models"][m], "model": meta["models"][m], "data": meta["data"][m]} for m in models]
     raw["parameters"] = dict(raw.get("parameters") or {})
+    if scale is not None:
+        raw["parameters"]["scale"] = scale
+    elif isinstance(raw["parameters"].get("scale"), list):  # the merge's factors of the subset's models
+        raw["parameters"]["scale"] = [raw["parameters"]["scale"][m] for m in models]
     if balance is not None:
         raw["parameters"]["balance"] = balance
     if dtype is not None:
@@ -134,8 +141,8 @@ def run_solve(stats: str | Path, out: str | Path, models: list[int] | None = Non
     ins = open_inputs(cfg)
     plan = build_plan(ins.hf_config, ins.base.names(), meta["granularity"])
     bal = cfg.param("balance")
-    scale = float(cfg.param("scale"))  # the merge's `scale`, applied after the solve as in slta.merges.closed_form
-    sols = {name: solve_module(g, tasks, bal, models=models).scaled(scale) for name, g in grams.items()}
+    factors = scale_factors(cfg.param("scale"))  # applied after the solve as in slta.merges.closed_form
+    sols = {name: solve_module(g, tasks, bal, models=models).scaled(factors) for name, g in grams.items()}
     alphas = {k: s.alpha for k, s in sols.items()}
     with atomic_output(out, overwrite, inputs=stats_inputs, needed=output_bytes(ins, plan)) as tmp:
         writer = ShardedWriter(tmp, [(n, ins.base.shapes[n]) for n in plan.tensor_order], ins.out_dtype,
