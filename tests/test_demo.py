@@ -220,3 +220,53 @@ def test_models_table_and_summary_aggregate_synthetic_results():
     assert "| 2 | 90.0 ± 0.0 | 10.0 ± 0.0 | 30.0 ± 10.0 (0.5, 0.5) | 40.0 ± 10.0 | 20.0 ± 5.0 | +37.5 ± 12.5 |" \
         in models_summary_table(s)
     assert models_summary([zoo(0.4, 0.5), {}]) is None and models_summary_table(None) == "" and models_table({}) == ""
+
+
+def test_strength_sweep_is_coordinate_ascent_on_the_mean():
+    """One coordinate sweep: each task's factor moves in turn, the others where the sweep left them;
+    a candidate is kept only if it raises the mean (ties keep the earlier)."""
+    from slta.demo.strength import RELATIVE, sweep
+
+    want = [0.8, 1.5]  # each task's best factor (relative to the start 1.0), separable
+    seen = []
+
+    def val_of(f):
+        seen.append(list(f))
+        return {f"t{i}": 1 - (x - w) ** 2 for i, (x, w) in enumerate(zip(f, want))}
+
+    got = sweep(val_of, 1.0, 2)
+    assert got["factors"] == [0.8, 1.5]
+    assert len(seen) == 1 + 2 * len(RELATIVE) and seen[1:1 + len(RELATIVE)] == [[r, 1.0] for r in RELATIVE]
+    assert seen[1 + len(RELATIVE):] == [[0.8, r] for r in RELATIVE]  # task 1 moves with task 0 at its choice
+    assert got["val_avg"] == max(np.mean(list(h["val"].values())) for h in got["sweep"])
+    flat = sweep(lambda f: {"t": 0.5}, 1.2, 3)  # nothing beats the start: it stays
+    assert flat["factors"] == [1.2, 1.2, 1.2]
+
+
+def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
+    """`--strength`: a per-task factor on slta's α (searched on validation from the triple's statistics)
+    and on task arithmetic's λ, and slta's training-free auto_task, as rows; the triple only (CI time)."""
+    from slta.demo.strength import STRENGTH_LEVELS, TA_PER_TASK
+
+    zoo, out = tiny_zoo, tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "chat", "--zoo",
+                           str(zoo), "--out", str(out), "--strength", "--seeds", "1", "--methods",
+                           "task_arithmetic,slta", "--triple-only", "-q"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "chat-seed0" / "report" / "results.json").read_text())
+    tri = "math+code+translate"
+    names = [name for name, _ in table_rows(results)]
+    assert "Task Arithmetic · per-task λ" in names
+    ta, ta_row = results["baselines"]["task_arithmetic"][tri], results["baselines"][TA_PER_TASK][tri]
+    assert ta_row["params"]["global_lambda"] == ta["params"]["weight"]
+    start = ta_row["sweep"][0]  # the sweep starts at the validated λ for every task: the same validation run
+    assert start["factors"] == [ta["params"]["weight"]] * 3
+    assert math.isclose(np.mean(list(start["val"].values())), ta["val_avg"])
+    for level in STRENGTH_LEVELS:
+        run = results["slta"][f"{level}|per-task×scale"][tri][0]
+        assert len(run["scale"]) == 3 and run["scale"] == run["factors"]
+        means = [np.mean(list(h["val"].values())) for h in run["sweep"]]
+        assert math.isclose(run["val_avg"], max(means)) and run["sweep"][int(np.argmax(means))]["factors"] == run["scale"]
+        auto = results["slta"][f"{level}|auto_task"][tri][0]
+        assert auto["scale"] == auto["scale_search"]["chosen"] and len(auto["scale"]) == 3
+        assert {"test", "val"} <= set(auto)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from slta.demo.grids import baseline_grids
 from slta.demo.report import write_report
 from slta.demo.table import (
     COMBOS,
@@ -41,40 +42,6 @@ from slta.demo.zoos import KINDS, SYNTHETIC, build_zoos, generation_budget, in_p
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
 DATA_METHODS = ("slta", "regmean", "regmean_plusplus")  # merges that read calibration data
 __all__ = ["COMBOS", "LEVELS", "METHOD_NAMES", "TASKS", "baseline_grids", "run_demo", "table_rows"]
-
-
-def baseline_grids(size: str, variants: bool = False) -> dict[str, list[dict[str, Any]]]:
-    """Hyper-parameter grids (top-level `parameters`), after the methods' papers and the paper's A.3.4.
-    `variants` adds RegMean++ (issue #16), with RegMean's grid."""
-    grids = _grids(size)
-    if variants:
-        grids["regmean_plusplus"] = grids["regmean"]
-    return grids
-
-
-def _grids(size: str) -> dict[str, list[dict[str, Any]]]:
-    lambdas = [round(0.1 * i, 1) for i in range(1, 11)]
-    if size == "tiny":  # CI: the same methods, fewer points
-        return {
-            "weight_average": [{}],
-            "task_arithmetic": [{"weight": w} for w in (0.3, 0.6, 1.0)],
-            "ties": [{"density": 0.5, "lambda": 1.0}],
-            "dare_linear": [{"density": 0.2, "weight": 0.8}],
-            "breadcrumbs": [{"density": 0.9, "gamma": 0.01, "weight": 0.6}],
-            "consensus_ta": [{"k": 2, "tall_lambda": 0.4, "weight": 0.6}],
-            "regmean": [{"alpha": 0.9}],
-        }
-    return {
-        "weight_average": [{}],
-        "task_arithmetic": [{"weight": w} for w in lambdas],  # A.3.4: α ∈ {0.1, ..., 1.0}
-        "ties": [{"density": d, "lambda": lam} for d in (0.2, 0.5, 0.8) for lam in (0.6, 1.0, 1.4)],
-        # A.3.4: drop ratio ∈ {0.6, ..., 0.9} x α ∈ {0.6, 0.8, 1.0}
-        "dare_linear": [{"density": round(1 - p, 1), "weight": a} for p in (0.6, 0.7, 0.8, 0.9) for a in (0.6, 0.8, 1.0)],
-        "breadcrumbs": [{"density": d, "gamma": g, "weight": w}
-                        for d in (0.8, 0.9) for g in (0.01, 0.05) for w in (0.5, 0.8, 1.0)],
-        "consensus_ta": [{"k": 2, "tall_lambda": tl, "weight": w} for tl in (0.2, 0.4, 0.6) for w in (0.4, 0.7, 1.0)],
-        "regmean": [{"alpha": a} for a in (0.5, 0.9, 1.0)],
-    }
 
 
 class Demo:
@@ -190,6 +157,8 @@ class Demo:
                              for c in self.combos) and (keep is None or keep.exists()) and (diag is None or diag.exists())
                 if not cached:
                     run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
+                    if seed == 0:  # the statistics, for re-solving without a forward pass (slta.demo.strength)
+                        shutil.copy2(folder / "slta_stats.safetensors", self.cache / f"stats-{key}.safetensors")
                 if diag is not None:
                     self.diagnostics[level] = diagnose_cached(self, folder, diag)
                 for combo in self.combos:
@@ -223,7 +192,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
              triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
-             variants: bool = False, base_gguf: str | Path | None = None) -> dict[str, Any]:
+             variants: bool = False, base_gguf: str | Path | None = None, strength: bool = False) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -275,7 +244,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
         print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {zoos[kind, zs][0]}", flush=True)
     done = dict(zip(todo, in_processes(_one_zoo, [(
         zoos[(k, zs)][0], out / f"{k}-seed{zs}", kind_size(k, size), device, seeds, progress and n_jobs == 1,
-        set(methods) if methods is not None else None, triple_only, ablations, variants, threads) for k, zs in todo],
+        set(methods) if methods is not None else None, triple_only, ablations, variants, strength, threads)
+        for k, zs in todo],
         n_jobs)))
     for kind in kinds:
         per_zoo = []
@@ -318,14 +288,16 @@ def _one_zoo(*args: Any) -> dict[str, Any]:
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
                  methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
-                 variants: bool = False) -> dict[str, Any]:
+                 variants: bool = False, strength: bool = False) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
     `ablations`: also the calibration-sample-count study (slta.demo.studies, paper Table 11) and, on a
     chat zoo, the number of models merged (slta.demo.models, paper Table 10).
-    `variants`: also slta's options beyond the paper and RegMean++ (slta.demo.variants)."""
+    `variants`: also slta's options beyond the paper and RegMean++ (slta.demo.variants).
+    `strength`: also a factor per task on slta's α and task arithmetic's λ (slta.demo.strength)."""
     from torch import get_num_threads
 
     from slta.demo.models import model_ablation
+    from slta.demo.strength import n_strength_steps, run_strength
     from slta.demo.studies import sample_ablation, validated_lambda
     from slta.demo.variants import n_variant_steps, run_variants
 
@@ -335,6 +307,7 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     n_slta = len(LEVELS) * len(demo.seeds) if methods is None or "slta" in methods else 0
     n_slta += n_variant_steps(len(demo.combos)) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
+    steps += n_strength_steps(len(demo.combos)) if strength else 0
     with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()
@@ -344,6 +317,10 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
         ours = demo.slta(bar)
         if variants and (methods is None or "slta" in methods):
             ours.update(run_variants(demo, bar))
+        if strength:
+            per_task, ta = run_strength(demo, bar)
+            ours.update(per_task)
+            base.update(ta)
         bar.set_postfix_str("ablations" if ablations else "")
         studies = {"samples": sample_ablation(demo)} if ablations and (methods is None or "slta" in methods) else {}
         if studies and demo.kind == "chat":
@@ -384,13 +361,17 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", action="store_true",
                    help="also slta's options beyond the paper (tokens, inputs, refine) and RegMean++ as extra rows "
                         "(slta.demo.variants); a variant is chosen on the validation split")
+    p.add_argument("--strength", action="store_true",
+                   help="also a factor per task: on slta's α and task arithmetic's λ, chosen on validation, and "
+                        "slta's training-free scale: auto_task (slta.demo.strength)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
                                            a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
-                                           a.triple_only, a.jobs, a.ablations, a.variants, a.base_gguf))
+                                           a.triple_only, a.jobs, a.ablations, a.variants, a.base_gguf,
+                                           a.strength))
 
 
 def _override(s: str) -> tuple[str, Any]:

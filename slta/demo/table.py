@@ -21,7 +21,8 @@ LEVEL_NAMES = {"model": "slta Model Level", "layer": "slta Layer Level", "attn_m
                "head_mlp": "slta Head/MLP Level"}
 METHOD_NAMES = {"weight_average": "Weight Avg", "task_arithmetic": "Task Arithmetic", "ties": "TIES",
                 "dare_linear": "DARE", "breadcrumbs": "Breadcrumbs", "consensus_ta": "Consensus TA",
-                "regmean": "RegMean", "regmean_plusplus": "RegMean++"}
+                "regmean": "RegMean", "regmean_plusplus": "RegMean++",
+                "task_arithmetic_per_task": "Task Arithmetic · per-task λ"}
 def level_name(key: str) -> str:
     """"attn_mlp" -> "slta Attn/MLP Level"; "attn_mlp|response" (a variant, slta.demo.variants) -> "... · response"."""
     level, _, variant = key.partition("|")
