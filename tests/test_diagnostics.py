@@ -46,13 +46,14 @@ def _model_with(base_model, state):
     return m
 
 
-def _reference(base, tuned, data, granularity, alphas, balance):
-    """{module: (cosine T x T, zero, {point: eq10}, {point: eq11})} from whole models, float64."""
+def _reference(base, tuned, data, granularity, alphas, balance, extra=None):
+    """{module: (cosine T x T, zero, {point: eq10}, {point: eq11})} from whole models, float64.
+    `extra`: more merge points, name -> per-module coefficients."""
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in [base, *tuned]]
     T = len(tuned)
     lam = {k: np.full(T, LAM) for k in alphas}
-    merged = [_model_with(models[0], reference_merge(models, a, granularity, False)) for a in (alphas, lam)]
-    coeffs = {"slta": alphas, f"task_arithmetic {LAM:g}": lam}
+    coeffs = {"slta": alphas, f"task_arithmetic {LAM:g}": lam, **(extra or {})}
+    merged = [_model_with(models[0], reference_merge(models, a, granularity, False)) for a in coeffs.values()]
     acc: dict[str, dict] = {}
     for t, ids in load_samples(AutoTokenizer.from_pretrained(base), data):
         fs = module_features(models, ids, granularity, False)
@@ -105,6 +106,31 @@ def test_diagnostics_match_whole_model_recomputation(tmp_path, granularity):
     assert emb["eq10"]["slta"] == pytest.approx(emb["eq11"]["slta"], rel=1e-4)
 
 
+def test_per_task_scale_points_match_whole_model_recomputation(tmp_path):
+    """`--task-scale c`: each task's α times its own factor (issue #28) is a merge point like the others,
+    its Eq. 10 / 11 per task against whole models; the per-task summary is the modules' sum / mean."""
+    out, base, tuned, data = _merge(tmp_path, "attn_mlp")
+    c = [1.5, 1.0, 0.5]
+    doc = run_diagnose(out, tmp_path / "diag", lambdas=[LAM], task_scales=[c], progress=False)
+    name = "slta x[1.5,1,0.5]"
+    assert doc["points"][name] == {"method": "slta", "task_scales": c}
+    report = json.loads((out / "slta_report.json").read_text())
+    alphas = {k: np.array(v["alpha"]) for k, v in report["modules"].items()}
+    ref = _reference(base, tuned, data, "attn_mlp", alphas, balance=True, extra={name: {k: a * c for k, a in alphas.items()}})
+    for module, (_, _, eq10, eq11) in ref.items():
+        m = doc["modules"][module]
+        assert m["eq10"][name] == pytest.approx(eq10[name], rel=1e-4), module
+        assert m["eq11"][name] == pytest.approx(eq11[name], rel=1e-4), module
+        assert sum(m["eq10_per_task"][name]) == pytest.approx(m["eq10"][name])
+        assert sum(m["zero_per_task"]) == pytest.approx(m["zero"])
+    summary = doc["summary"]
+    np.testing.assert_allclose(summary["mean_alpha_per_task"], np.mean(list(alphas.values()), axis=0))
+    np.testing.assert_allclose(summary["totals"][name]["eq10_per_task"],
+                               np.sum([m["eq10_per_task"][name] for m in doc["modules"].values()], axis=0))
+    assert summary["zero_per_task"] == pytest.approx([sum(m["zero_per_task"][t] for m in doc["modules"].values())
+                                                     for t in range(3)])
+
+
 def test_eq10_equals_eq11_in_the_linear_regime(tmp_path):
     """Fine-tunes that are tiny perturbations: every module is linear in its weights there."""
     gaps = {}
@@ -119,13 +145,16 @@ def test_eq10_equals_eq11_in_the_linear_regime(tmp_path):
 
 def test_diagnose_cli(tmp_path, capsys):
     out, *_ = _merge(tmp_path, "attn_mlp")
-    assert main(["diagnose", str(out), "-o", str(tmp_path / "d"), "--lambda", "0.5", "--alpha-scale", "2", "-q"]) in (0, None)
+    assert main(["diagnose", str(out), "-o", str(tmp_path / "d"), "--lambda", "0.5", "--alpha-scale", "2",
+                 "--task-scale", "1,1,1.6", "-q"]) in (0, None)
     doc = json.loads((tmp_path / "d" / "diagnostics.json").read_text())
-    assert list(doc["points"]) == ["slta", "slta x2", "task_arithmetic 0.5"]
+    assert list(doc["points"]) == ["slta", "slta x2", "slta x[1,1,1.6]", "task_arithmetic 0.5"]
     assert doc["points"]["slta x2"] == {"method": "slta", "alpha_scale": 2.0}
     m = doc["modules"]["layers.0.attn"]
     assert m["eq11"]["slta x2"] >= m["eq11"]["slta"]
     assert "Eq. 10" in capsys.readouterr().out
+    with pytest.raises(Exception, match="needs 3 factors"):
+        run_diagnose(out, tmp_path / "d2", task_scales=[[1.0, 2.0]], progress=False)
 
 
 def test_subset_resolve_equals_a_fresh_run_on_the_subset(tmp_path):

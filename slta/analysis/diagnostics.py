@@ -74,13 +74,17 @@ class MergedView:
                            [ck.get_rows(name, start, stop) for ck in self.tuned], (start, stop))
 
 
-def merge_points(alphas: dict[str, np.ndarray], lambdas: list[float] = (), alpha_scales: list[float] = ()
-                 ) -> dict[str, dict[str, np.ndarray]]:
-    """The merges to diagnose: name -> per-module coefficients. slta's α, each α scale s (s α) and
-    task arithmetic at each λ (c_j = λ for every module and fine-tune)."""
+def merge_points(alphas: dict[str, np.ndarray], lambdas: list[float] = (), alpha_scales: list[float] = (),
+                 task_scales: list[list[float]] = ()) -> dict[str, dict[str, np.ndarray]]:
+    """The merges to diagnose: name -> per-module coefficients. slta's α, each α scale s (s α), each
+    per-task factor vector c (α_t c_t: `scale: [c_1, ..., c_T]`, issue #28) and task arithmetic at each
+    λ (c_j = λ for every module and fine-tune)."""
     points = {"slta": dict(alphas)}
     for s in alpha_scales:
         points[f"slta x{s:g}"] = {k: s * np.asarray(a) for k, a in alphas.items()}
+    for c in task_scales:
+        points[f"slta x[{','.join(f'{x:g}' for x in c)}]"] = {k: np.asarray(a) * np.asarray(c, dtype=np.float64)
+                                                             for k, a in alphas.items()}
     for lam in lambdas:
         points[f"task_arithmetic {lam:g}"] = {k: np.full(len(a), float(lam)) for k, a in alphas.items()}
     return points
@@ -138,7 +142,7 @@ def module_diagnostics(g: np.ndarray, tasks: np.ndarray, T: int, coeffs: dict[st
     off = ~np.eye(T, dtype=bool)
     return {"alpha": [float(a) for a in first], "sum_alpha": float(np.sum(first)),
             "cosine": cos.tolist(), "mean_cross_cosine": float(cos[off].mean()) if T > 1 else 1.0,
-            "norm_ratio": ratio.tolist(), "zero": float(zero.sum()),
+            "norm_ratio": ratio.tolist(), "zero": float(zero.sum()), "zero_per_task": zero.tolist(),
             "eq10": {k: float(v.sum()) for k, v in eq10.items()}, "eq11": {k: float(v.sum()) for k, v in eq11.items()},
             "eq10_per_task": {k: v.tolist() for k, v in eq10.items()},
             "eq11_per_task": {k: v.tolist() for k, v in eq11.items()}}
@@ -156,7 +160,9 @@ def diagnostics(grams: dict[str, np.ndarray], tasks: np.ndarray, points: dict[st
     modules = {name: module_diagnostics(g, tasks, T, {p: c[name] for p, c in points.items()}, balance)
                for name, g in grams.items()}
     totals = {p: {"eq10": sum(m["eq10"][p] for m in modules.values()),
-                  "eq11": sum(m["eq11"][p] for m in modules.values())} for p in points}
+                  "eq11": sum(m["eq11"][p] for m in modules.values()),
+                  "eq10_per_task": np.sum([m["eq10_per_task"][p] for m in modules.values()], axis=0).tolist()}
+              for p in points}
     return {"schema": SCHEMA, "granularity": granularity, "balance": balance, "models": models,
             "samples_per_task": [int((tasks == t).sum()) for t in range(T)],
             "normalisation": ("Σ_t mean over task t's samples of the per-sample squared error"
@@ -164,10 +170,15 @@ def diagnostics(grams: dict[str, np.ndarray], tasks: np.ndarray, points: dict[st
             "points": {p: _describe(p) for p in points}, "modules": modules,
             "summary": {"totals": totals, "zero": sum(m["zero"] for m in modules.values()),
                         "mean_sum_alpha": float(np.mean([m["sum_alpha"] for m in modules.values()])),
+                        # per task (issue #28): its mean α over modules, and its ||Δf_t||² on its own samples
+                        "mean_alpha_per_task": np.mean([m["alpha"] for m in modules.values()], axis=0).tolist(),
+                        "zero_per_task": np.sum([m["zero_per_task"] for m in modules.values()], axis=0).tolist(),
                         "mean_cross_cosine": float(np.mean([m["mean_cross_cosine"] for m in modules.values()]))}}
 
 
 def _describe(point: str) -> dict[str, Any]:
+    if point.startswith("slta x["):
+        return {"method": "slta", "task_scales": [float(x) for x in point[len("slta x["):-1].split(",")]}
     if point.startswith("task_arithmetic "):
         return {"method": "task_arithmetic", "lambda": float(point.split()[1])}
     if point.startswith("slta x"):
@@ -176,7 +187,7 @@ def _describe(point: str) -> dict[str, Any]:
 
 
 def diagnose(merged: str | Path, lambdas: list[float] = (), alpha_scales: list[float] = (), device: str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, task_scales: list[list[float]] = ()) -> dict[str, Any]:
     """The diagnostics document of a closed-form merge whose folder (or statistics file) holds
     slta_stats.safetensors. α is re-solved from the saved Grams exactly as the merge solved it (same
     function, same statistics); the pass's T x T Grams are checked against the saved ones."""
@@ -191,9 +202,11 @@ def diagnose(merged: str | Path, lambdas: list[float] = (), alpha_scales: list[f
         raise MergeError(f"{merged}: {changed[0]} changed since the merge; its α no longer describes these inputs")
     balance = bool(load_merge_config(cfg).param("balance"))  # as the merge solved (its default included)
     alphas = {k: solve_module(g, tasks, balance).alpha for k, g in saved.items()}
-    points = merge_points(alphas, list(lambdas), list(alpha_scales))
-    grams, got_tasks, granularity = measure(cfg, points, device, progress)
     T = len(meta["models"])
+    if any(len(c) != T for c in task_scales):
+        raise MergeError(f"{merged}: a per-task scale needs {T} factors (one per model), got {list(task_scales)}")
+    points = merge_points(alphas, list(lambdas), list(alpha_scales), list(task_scales))
+    grams, got_tasks, granularity = measure(cfg, points, device, progress)
     for name, g in saved.items():  # the pass must see the merge's samples and features
         if not np.allclose(grams[name][:, :T, :T], g, rtol=1e-4, atol=1e-8 * max(1.0, float(np.abs(g).max()))):
             raise MergeError(f"{merged}: module {name}'s features differ from the saved statistics")
@@ -203,9 +216,9 @@ def diagnose(merged: str | Path, lambdas: list[float] = (), alpha_scales: list[f
 
 
 def run_diagnose(merged: str | Path, out: str | Path, lambdas: list[float] = (), alpha_scales: list[float] = (),
-                 device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+                 device: str = "cpu", progress: bool = True, task_scales: list[list[float]] = ()) -> dict[str, Any]:
     """`slta diagnose MERGED -o DIR`: writes DIR/diagnostics.json (see `diagnose`) and DIR/diagnostics.png."""
-    doc = diagnose(merged, lambdas, alpha_scales, device, progress)
+    doc = diagnose(merged, lambdas, alpha_scales, device, progress, task_scales)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnostics.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -264,13 +277,16 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="also diagnose task arithmetic at this λ (repeatable), e.g. its validated λ")
     p.add_argument("--alpha-scale", dest="scales", type=float, action="append", default=[],
                    help="also diagnose slta's α multiplied by this factor (repeatable)")
+    p.add_argument("--task-scale", dest="task_scales", action="append", default=[],
+                   type=lambda s: [float(x) for x in s.split(",")], metavar="C1,...,CT",
+                   help="also diagnose each task's α times its own factor (repeatable), e.g. 1,1,1.6")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: cpu)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cli)
 
 
 def _cli(a: argparse.Namespace) -> None:
-    doc = run_diagnose(a.merged, a.output, a.lambdas, a.scales, a.device, not a.quiet)
+    doc = run_diagnose(a.merged, a.output, a.lambdas, a.scales, a.device, not a.quiet, a.task_scales)
     for p, v in doc["summary"]["totals"].items():
         print(f"{p:>24}: Eq. 10 {v['eq10']:.4g}  Eq. 11 {v['eq11']:.4g}  (objective at 0: {doc['summary']['zero']:.4g})")
     print(f"diagnostics written to {a.output}")
