@@ -21,6 +21,7 @@ validation runs, never a T-dimensional grid. Every candidate's per-task validati
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -50,8 +51,9 @@ def sweep(val_of: Callable[[list[float]], dict[str, float]], start: float, T: in
             trial = [round(start * r, 6) if u == t else f for u, f in enumerate(current)]
             val = val_of(trial)
             history.append({"factors": trial, "val": val})
-            if float(np.mean(list(val.values()))) > best:
-                best, chosen = float(np.mean(list(val.values()))), trial
+            mean = float(np.mean(list(val.values())))
+            if mean > best:
+                best, chosen = mean, trial
         current = chosen
     return {"factors": current, "val_avg": best, "sweep": history}
 
@@ -73,8 +75,6 @@ def triple_stats(demo, level: str) -> Path:
 
 def solved_scores(demo, stats: Path, combo: tuple[str, ...], factors: list[float], split: str) -> dict[str, float]:
     """The triple's statistics re-solved for `combo` with each task's α times its factor, evaluated (cached)."""
-    import json
-
     from slta.merge import run_solve
 
     key = demo.key({"strength": "slta", "stats": stats.name, "combo": combo, "scale": factors,
@@ -116,8 +116,6 @@ def ta_per_task(demo, combo: tuple[str, ...]) -> dict[str, Any]:
 
 def auto_task(demo, level: str, combo: tuple[str, ...]) -> dict[str, Any]:
     """The training-free row: one merge with `scale: auto_task` (its search is in the merge's report)."""
-    import json
-
     from slta.merge import run_merge
 
     cfg = demo.merge_config("slta", combo, {"granularity": level, "num_samples": 30, "seed": 0, "scale": "auto_task"})
