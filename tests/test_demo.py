@@ -138,6 +138,19 @@ def test_triple_only_results_leave_the_pairs_empty():
     assert "| Task Arithmetic | – | – | – | " in md and "nan" not in md
 
 
+def test_regmean_plusplus_named_in_methods_runs_without_variants(tmp_path, tiny_zoo):
+    """`--methods regmean_plusplus` alone runs RegMean++ (it was once run only with `--variants`, so
+    naming it did nothing)."""
+    from slta.demo import run_demo
+
+    study = run_demo(tiny_zoo, tmp_path / "demo", "tiny", seeds=1, progress=False, zoo_kind="chat",
+                     methods=["regmean_plusplus"], triple_only=True, jobs=1)
+    results = json.loads((tmp_path / "demo" / "chat-seed0" / "report" / "results.json").read_text())
+    assert set(results["baselines"]) == {"regmean_plusplus"}
+    assert set(results["baselines"]["regmean_plusplus"]) == {"+".join(COMBOS[-1])}
+    assert "RegMean++" in [name for name, _ in study["kinds"]["chat"]["table"]]
+
+
 def test_variants_rows_and_the_choice_on_validation(tmp_path, tiny_zoo):
     """`--variants` adds a row per slta variant and level, RegMean++ among the baselines, and picks
     the slta row with the best validation score on the triple (the paper's rows compete as `|paper`).

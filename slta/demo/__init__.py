@@ -49,6 +49,8 @@ class Demo:
                  methods: set[str] | None = None, triple_only: bool = False, variants: bool = False):
         self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
         self.variants = variants
+        # RegMean++ runs with --variants, or when --methods names it (never silently skipped)
+        self.extra_baselines = variants or (methods is not None and "regmean_plusplus" in methods)
         # the triple only: what a zoo's calibration targets are about, at a quarter of the evaluations
         self.combos = COMBOS[-1:] if triple_only else COMBOS
         self.methods = methods  # None: every baseline and slta
@@ -112,7 +114,7 @@ class Demo:
 
     def baselines(self, bar) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
-        for method, grid in baseline_grids(self.size, self.variants).items():
+        for method, grid in baseline_grids(self.size, self.extra_baselines).items():
             if self.methods is None or method in self.methods:
                 for combo in self.combos:
                     results.setdefault(method, {})["+".join(combo)] = self.tuned(method, combo, grid, bar)
@@ -303,7 +305,7 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
 
     started = time.perf_counter()
     demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only, variants)
-    grids = {m: g for m, g in baseline_grids(size, variants).items() if methods is None or m in methods}
+    grids = {m: g for m, g in baseline_grids(size, demo.extra_baselines).items() if methods is None or m in methods}
     n_slta = len(LEVELS) * len(demo.seeds) if methods is None or "slta" in methods else 0
     n_slta += n_variant_steps(len(demo.combos)) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
