@@ -54,7 +54,7 @@ def _zoo(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     size = SMOLLM2_SIZE[a.size] if a.kind == "smollm2" else a.size
     out = build_zoo(a.dir, size=size, seed=a.seed, force=a.force, progress=not a.quiet, threads=a.threads,
-                    kind=a.kind, hard_zoo=a.hard_zoo, base_gguf=a.base_gguf)
+                    kind=a.kind, hard_zoo=a.hard_zoo, base_gguf=a.base_gguf, jobs=a.jobs)
     print(f"zoo ready in {out} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -169,6 +169,9 @@ def build_parser(extra: bool | str = True) -> argparse.ArgumentParser:
     zb.add_argument("--force", action="store_true", help="rebuild even if the recipe is unchanged")
     zb.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for training (bytes are reproducible for a given count)")
+    zb.add_argument("--jobs", type=_positive_int, default=1,
+                    help="smollm2 kind: fine-tunes trained at once, each in its own process with --threads "
+                         "threads (the same bytes as one after another; default 1)")
     zb.add_argument("-q", "--quiet", action="store_true")
     zb.set_defaults(func=_zoo)
 

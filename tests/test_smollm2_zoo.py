@@ -250,6 +250,19 @@ def test_tiny_zoo_builds_resumes_and_merges(tiny_gguf, tmp_path, monkeypatch):
     assert merged.config.tie_word_embeddings
 
 
+def test_fine_tunes_in_parallel_processes_are_the_sequential_bytes(tiny_gguf, tmp_path):
+    """`jobs=3` trains the three fine-tunes in spawned processes at once: the same files as one after another."""
+    path, _, _ = tiny_gguf
+    one = build_zoo(tmp_path / "one" / "smollm2-seed0", size="tiny", kind="smollm2", base_gguf=path, progress=False)
+    three = build_zoo(tmp_path / "three" / "smollm2-seed0", size="tiny", kind="smollm2", base_gguf=path,
+                      progress=False, jobs=3)
+    meta1, meta3 = (json.loads((z / "zoo.json").read_text()) for z in (one, three))
+    for task in ("math", "code", "translate"):
+        assert (one / task / "model.safetensors").read_bytes() == (three / task / "model.safetensors").read_bytes()
+        assert meta1["fine_tunes"][task]["loss_curve"] == meta3["fine_tunes"][task]["loss_curve"]
+        assert meta3["timings_s"][task] > 0
+
+
 def test_tiny_smollm2_demo(tiny_gguf, tmp_path):
     """`slta demo --zoo-kind smollm2` end to end on the test's GGUF: zoo, merges, evaluation, table."""
     path, _, _ = tiny_gguf

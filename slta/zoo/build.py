@@ -262,6 +262,7 @@ def build_zoo(
     hard_zoo: str | Path | None = None,
     base_only: bool = False,
     base_gguf: str | Path | None = None,
+    jobs: int = 1,
 ) -> Path:
     """Builds (or reuses) the demo zoo in ``out_dir`` and returns its path.
 
@@ -275,11 +276,12 @@ def build_zoo(
     of its hyper-parameters, seed, generator version) differs from the stored one.
     ``threads`` bounds torch's CPU threads; results are reproducible for a given value. The
     default is 1: these models are small, and on 2 cores that another process also uses, 2
-    threads measured 3-4x slower than 1 (13 vs 42 steps/s on the tiny model).
+    threads measured 3-4x slower than 1 (13 vs 42 steps/s on the tiny model). ``jobs`` (smollm2
+    kind): fine-tunes trained at once in separate processes, each with ``threads`` threads.
     """
     out_dir = Path(out_dir)
     if kind == "smollm2":
-        return _build_smollm2_zoo(out_dir, size, seed, force, progress, overrides, threads, base_gguf)
+        return _build_smollm2_zoo(out_dir, size, seed, force, progress, overrides, threads, base_gguf, jobs)
     recipe = recipe_for(size, seed, overrides, kind)
     if not force and (is_built(out_dir, recipe) or (base_only and has_base(out_dir, recipe))):
         return out_dir
@@ -321,7 +323,7 @@ def build_zoo(
 
 
 def _build_smollm2_zoo(out_dir: Path, size: str, seed: int, force: bool, progress: bool, overrides: dict | None,
-                       threads: int, base_gguf: str | Path | None) -> Path:
+                       threads: int, base_gguf: str | Path | None, jobs: int = 1) -> Path:
     """The smollm2 kind (slta.zoo.smollm2): built in stages in ``OUT.partial`` that a stopped build
     resumes from, moved to ``OUT`` once complete. ``base_gguf``: the GGUF file, instead of the wheel's."""
     if base_gguf is not None and not Path(base_gguf).is_file():
@@ -340,7 +342,7 @@ def _build_smollm2_zoo(out_dir: Path, size: str, seed: int, force: bool, progres
         out_dir.rename(work)  # a rebuild under a new recipe keeps the stages that still match (the base)
     t0 = time.perf_counter()
     with deterministic(threads):
-        meta = build_smollm2(work, recipe, recipe_hash(recipe), progress, write_jsonl, base_gguf)
+        meta = build_smollm2(work, recipe, recipe_hash(recipe), progress, write_jsonl, base_gguf, jobs=jobs)
         meta = {"recipe": recipe, "recipe_hash": recipe_hash(recipe), "torch_threads": torch.get_num_threads(),
                 "build_seconds_this_run": time.perf_counter() - t0, **meta}
     (work / "zoo.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -15,9 +15,11 @@ a rerun keeps the stages whose stamp still matches. ``OUT/`` appears only when a
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -99,7 +101,8 @@ def relative_norm(model, base_dir: Path) -> float:
     return (num / den) ** 0.5
 
 
-def fine_tune(base_dir: Path, task: str, train: list[dict], p: dict, seed: int, progress: bool, out: Path) -> dict:
+def fine_tune(base_dir: Path, task: str, train: list[dict], p: dict, seed: int, progress: bool, out: Path,
+              position: int | None = None) -> dict:
     """One full fine-tune of the base on one task, saved beside ``out`` (returned as ``tmp``, for the
     caller to stamp and move into place); returns also its loss curve and ‖τ‖/‖θ‖.
     Every task has the same schedule and the same batch order by index (the seed's)."""
@@ -113,7 +116,7 @@ def fine_tune(base_dir: Path, task: str, train: list[dict], p: dict, seed: int, 
     autocast = getattr(torch, p["ft_autocast"]) if p["ft_autocast"] else None
     curve = train_loop(model, batches, p["ft_steps"], p["ft_lr"], p["ft_warmup"], p["ft_wd"],
                        f"fine-tune {task} (smollm2, {p['ft_steps']} steps)", progress,
-                       loss_fn=response_loss, autocast=autocast)
+                       loss_fn=response_loss, autocast=autocast, position=position)
     model.config.use_cache = True
     tau = relative_norm(model, base_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -121,6 +124,16 @@ def fine_tune(base_dir: Path, task: str, train: list[dict], p: dict, seed: int, 
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     return {"tmp": tmp, "loss_curve": curve, "tau_over_theta": tau}
+
+
+def _fine_tune_job(base_dir: Path, task: str, train: list[dict], p: dict, seed: int, progress: bool, out: Path,
+                   threads: int, position: int) -> dict:
+    """`fine_tune` in a spawned worker process, with the parent's thread count and deterministic kernels:
+    the same bytes as the sequential build (same seed, same threads)."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    t = time.perf_counter()
+    return {**fine_tune(base_dir, task, train, p, seed, progress, out, position), "seconds": time.perf_counter() - t}
 
 
 def stage_done(folder: Path, stamp: str) -> bool:
@@ -137,9 +150,12 @@ def _finish_stage(tmp: Path, folder: Path, stamp: str, info: dict) -> None:
 
 
 def build_smollm2(work: Path, recipe: dict, stamp: str, progress: bool, write_jsonl, base_gguf: Path | None = None,
-                  cache: Path | None = None) -> dict:
+                  cache: Path | None = None, jobs: int = 1) -> dict:
     """Builds (or resumes) the smollm2 zoo in ``work``; returns the metadata for zoo.json. ``stamp``
-    (the recipe's hash) marks the stages that depend on the whole recipe: the data and fine-tunes."""
+    (the recipe's hash) marks the stages that depend on the whole recipe: the data and fine-tunes.
+    ``jobs`` > 1 trains the missing fine-tunes in that many processes at once (each with this process's
+    torch threads: the same bytes as one after another; on 2 cores, three single-threaded fine-tunes at
+    once keep both cores busy where two-then-one leaves one idle for a third of the time)."""
     from transformers import AutoTokenizer
 
     require_gguf_support()
@@ -168,14 +184,27 @@ def build_smollm2(work: Path, recipe: dict, stamp: str, progress: bool, write_js
         _finish_stage(tmp, work / "data", stamp, {})
     timings["data"] = time.perf_counter() - t
 
+    def finish(task: str, done: dict) -> None:
+        info = {k: done[k] for k in ("loss_curve", "tau_over_theta", "seconds")}
+        _finish_stage(done["tmp"], work / task, stamp, info)
+
+    todo = [task for task in tasks.TASKS if not stage_done(work / task, stamp)]
+    if jobs > 1 and len(todo) > 1:
+        # spawn, not fork: a forked child would inherit torch's thread pools. Each stage is finished as
+        # its fine-tune ends, so a stopped build keeps every fine-tune that completed.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx) as pool:
+            running = {pool.submit(_fine_tune_job, work / "base", task, splits[task]["train"], p, seed, progress,
+                                   work / task, torch.get_num_threads(), k): task for k, task in enumerate(todo)}
+            for f in as_completed(running):
+                finish(running[f], f.result())
+    else:
+        for task in todo:
+            t = time.perf_counter()
+            done = fine_tune(work / "base", task, splits[task]["train"], p, seed, progress, work / task)
+            finish(task, {**done, "seconds": time.perf_counter() - t})
     fine_tunes: dict[str, dict] = {}
     for task in tasks.TASKS:
-        t = time.perf_counter()
-        if not stage_done(work / task, stamp):
-            done = fine_tune(work / "base", task, splits[task]["train"], p, seed, progress, work / task)
-            info = {"loss_curve": done["loss_curve"], "tau_over_theta": done["tau_over_theta"],
-                    "seconds": time.perf_counter() - t}
-            _finish_stage(done["tmp"], work / task, stamp, info)
         fine_tunes[task] = json.loads((work / task / "stage.json").read_text())
         fine_tunes[task].pop("stamp")
         timings[task] = fine_tunes[task]["seconds"]  # when it was trained (a resumed build skips it)

@@ -50,6 +50,7 @@ def train_loop(
     max_steps: int | None = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
     autocast: torch.dtype | None = None,
+    position: int | None = None,
 ) -> list[float]:
     """AdamW with linear warmup then cosine decay to 10% of lr over ``steps``; returns the loss per step.
 
@@ -63,7 +64,8 @@ def train_loop(
 
     ``loss_fn(model, input_ids, attention_mask, labels)`` replaces the model's own loss (the
     smollm2 kind computes logits only where the loss is taken). ``autocast`` runs the forward
-    pass in that dtype (mixed precision: the weights and the optimizer stay in float32).
+    pass in that dtype (mixed precision: the weights and the optimizer stay in float32). ``position``:
+    the progress bar's line, when several processes train at once.
     """
     # No weight decay on norms (1-d tensors), as usual for Llama-style training.
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -83,7 +85,7 @@ def train_loop(
     model.train()
     losses = []
     total = max(steps, max_steps or 0) if stop_loss is not None else steps
-    bar = tqdm(range(total), desc=desc, disable=not progress, mininterval=1.0)
+    bar = tqdm(range(total), desc=desc, disable=not progress, mininterval=1.0, position=position)
     for step in bar:
         input_ids, attention_mask, labels = get_batch(step)
         for group in opt.param_groups:
