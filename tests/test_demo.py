@@ -138,6 +138,14 @@ def test_triple_only_results_leave_the_pairs_empty():
     assert "| Task Arithmetic | – | – | – | " in md and "nan" not in md
 
 
+def test_unknown_levels_are_refused_before_any_work(tmp_path):
+    from slta.demo import run_demo
+
+    with pytest.raises(ValueError, match="unknown levels: block; known: model, layer, attn_mlp, head_mlp"):
+        run_demo(tmp_path / "zoo", tmp_path / "out", "tiny", levels=["layer", "block"])
+    assert not (tmp_path / "zoo").exists() and not (tmp_path / "out").exists()
+
+
 def test_regmean_plusplus_named_in_methods_runs_without_variants(tmp_path, tiny_zoo):
     """`--methods regmean_plusplus` alone runs RegMean++ (it was once run only with `--variants`, so
     naming it did nothing)."""

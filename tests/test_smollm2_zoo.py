@@ -268,13 +268,15 @@ def test_tiny_smollm2_demo(tiny_gguf, tmp_path):
     path, _, _ = tiny_gguf
     done = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "smollm2",
                            "--base-gguf", str(path), "--zoo", str(tmp_path / "zoo"), "--out", str(tmp_path / "out"),
-                           "--methods", "weight_average,task_arithmetic,slta", "--seeds", "1", "-q"],
+                           "--methods", "weight_average,task_arithmetic,slta", "--levels", "layer,attn_mlp",
+                           "--seeds", "1", "-q"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "== smollm2 kind, zoo seeds 0 ==" in done.stdout and "Task Arithmetic" in done.stdout
     study = json.loads((tmp_path / "out" / "report" / "results.json").read_text())
     assert json.loads((tmp_path / "zoo" / "smollm2-seed0" / "zoo.json").read_text())["recipe"]["kind"] == "smollm2"
-    assert study["kinds"]["smollm2"]["table"]
+    rows = [name for name, _ in study["kinds"]["smollm2"]["table"]]
+    assert [r for r in rows if r.startswith("slta")] == ["slta Layer Level", "slta Attn/MLP Level"]  # --levels
 
 
 def test_a_tokenizer_read_with_the_wrong_end_token_is_refused(tiny_gguf, tmp_path, monkeypatch):

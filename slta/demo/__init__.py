@@ -46,8 +46,10 @@ __all__ = ["COMBOS", "LEVELS", "METHOD_NAMES", "TASKS", "baseline_grids", "run_d
 
 class Demo:
     def __init__(self, zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
-                 methods: set[str] | None = None, triple_only: bool = False, variants: bool = False):
+                 methods: set[str] | None = None, triple_only: bool = False, variants: bool = False,
+                 levels: tuple[str, ...] = LEVELS):
         self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
+        self.levels = levels  # slta's granularities (the paper's four by default)
         self.variants = variants
         # RegMean++ runs with --variants, or when --methods names it (never silently skipped)
         self.extra_baselines = variants or (methods is not None and "regmean_plusplus" in methods)
@@ -147,7 +149,7 @@ class Demo:
         triple = COMBOS[-1]
         if self.methods is not None and "slta" not in self.methods:
             return results
-        for level in LEVELS:
+        for level in self.levels:
             for seed in self.seeds:
                 bar.set_postfix_str(f"slta {level} seed {seed}")
                 cfg = self.merge_config("slta", triple, {"granularity": level, "num_samples": 30, "seed": seed})
@@ -194,7 +196,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
              triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
-             variants: bool = False, base_gguf: str | Path | None = None, strength: bool = False) -> dict[str, Any]:
+             variants: bool = False, base_gguf: str | Path | None = None, strength: bool = False,
+             levels: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -204,7 +207,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
     ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
-    that has them.
+    that has them. ``levels``: slta's granularities (default the paper's four, LEVELS).
 
     ``threads`` sets torch's CPU threads. The default is 1: the zoo's models are so small that
     a second thread gains little, and on a 2-core machine that another process also uses, an
@@ -221,6 +224,9 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     kinds = SYNTHETIC if zoo_kind == "both" else (zoo_kind,)
     if any(k not in KINDS for k in kinds):
         raise ValueError(f"unknown zoo kind {zoo_kind!r}; known: {', '.join(KINDS)}, both")
+    levels = tuple(levels or LEVELS)
+    if not set(levels) <= set(LEVELS):
+        raise ValueError(f"unknown levels: {', '.join(sorted(set(levels) - set(LEVELS)))}; known: {', '.join(LEVELS)}")
     known = set(baseline_grids(size, True)) | {"slta"}
     if methods is not None and not set(methods) <= known:
         raise ValueError(f"unknown methods: {', '.join(sorted(set(methods) - known))}; known: {', '.join(sorted(known))}")
@@ -246,7 +252,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
         print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {zoos[kind, zs][0]}", flush=True)
     done = dict(zip(todo, in_processes(_one_zoo, [(
         zoos[(k, zs)][0], out / f"{k}-seed{zs}", kind_size(k, size), device, seeds, progress and n_jobs == 1,
-        set(methods) if methods is not None else None, triple_only, ablations, variants, strength, threads)
+        set(methods) if methods is not None else None, triple_only, ablations, variants, strength, levels, threads)
         for k, zs in todo],
         n_jobs)))
     for kind in kinds:
@@ -290,7 +296,7 @@ def _one_zoo(*args: Any) -> dict[str, Any]:
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
                  methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
-                 variants: bool = False, strength: bool = False) -> dict[str, Any]:
+                 variants: bool = False, strength: bool = False, levels: tuple[str, ...] = LEVELS) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
     `ablations`: also the calibration-sample-count study (slta.demo.studies, paper Table 11) and, on a
     chat zoo, the number of models merged (slta.demo.models, paper Table 10).
@@ -304,9 +310,9 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     from slta.demo.variants import n_variant_steps, run_variants
 
     started = time.perf_counter()
-    demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only, variants)
+    demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only, variants, levels)
     grids = {m: g for m, g in baseline_grids(size, demo.extra_baselines).items() if methods is None or m in methods}
-    n_slta = len(LEVELS) * len(demo.seeds) if methods is None or "slta" in methods else 0
+    n_slta = len(demo.levels) * len(demo.seeds) if methods is None or "slta" in methods else 0
     n_slta += n_variant_steps(len(demo.combos)) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
     steps += n_strength_steps(len(demo.combos)) if strength else 0
@@ -366,6 +372,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", action="store_true",
                    help="also a factor per task: on slta's α and task arithmetic's λ, chosen on validation, and "
                         "slta's training-free scale: auto_task (slta.demo.strength)")
+    p.add_argument("--levels", type=lambda s: [x for x in s.split(",") if x],
+                   help=f"slta's granularities, comma-separated (default all: {','.join(LEVELS)})")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
@@ -373,7 +381,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
                                            a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
                                            a.triple_only, a.jobs, a.ablations, a.variants, a.base_gguf,
-                                           a.strength))
+                                           a.strength, a.levels))
 
 
 def _override(s: str) -> tuple[str, Any]:
