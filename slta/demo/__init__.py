@@ -66,6 +66,7 @@ class Demo:
         self.budget = generation_budget(zoo)
         self.ta_lambda: float | None = None  # task arithmetic's validated λ on the triple: the diagnostics' λ
         self.diagnostics: dict[str, Any] = {}  # level -> slta.analysis.diagnostics document (slta.demo.studies)
+        self.generation = {"seconds": 0.0, "prompts": 0}  # where a run's time goes: evaluations not cached
 
     # -- helpers ---------------------------------------------------------------------------------
     def files(self, tasks: tuple[str, ...], split: str) -> dict[str, Path]:
@@ -82,8 +83,13 @@ class Demo:
         if path.exists():
             return json.loads(path.read_text())
         limit = self.val_limit if split == "val" else None
-        scores = evaluate(model, self.files(tasks, split), batch_size=64, max_new_tokens=self.budget,
+        t = time.perf_counter()
+        files = self.files(tasks, split)
+        scores = evaluate(model, files, batch_size=64, max_new_tokens=self.budget,
                           device=self.device, limit=limit, progress=False)
+        self.generation["seconds"] += time.perf_counter() - t  # loading the model included
+        self.generation["prompts"] += sum(min(limit or 10**9, sum(1 for line in f.open() if line.strip()))
+                                          for f in files.values())
         path.write_text(json.dumps(scores))
         return scores
 
@@ -270,6 +276,9 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
         print(f"\n== {kind} kind, zoo seeds {', '.join(map(str, zoo_seeds))} ==")
         print(results_table(rows, len(per_zoo))["text"])
         print(f"baselines in brief: {summary_line(study['kinds'][kind]['summary'])}")
+        print("time per zoo (merging and evaluating what was not cached): " + "; ".join(
+            f"seed {r['zoo_seed']}: {r['timings_s']['total']:.0f} s, of which generation {r['timings_s']['generation']:.0f} s "
+            f"({r['timings_s']['prompts_generated']} prompts)" for r in per_zoo))
         if variants:
             study["kinds"][kind]["chosen_on_validation"] = chosen = [chosen_by_validation(r) for r in per_zoo]
             print("slta chosen on the validation split (triple, calibration seed 0), per zoo: " + "; ".join(
@@ -335,7 +344,8 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
             studies["models"] = model_ablation(demo, baseline_grids(size), get_num_threads())
     results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
                "baselines": base, "slta": ours, "seeds": demo.seeds,
-               "timings_s": {"total": time.perf_counter() - started},
+               "timings_s": {"total": time.perf_counter() - started, "generation": demo.generation["seconds"],
+                             "prompts_generated": demo.generation["prompts"]},
                **({"diagnostics": demo.diagnostics} if demo.diagnostics else {}), **({"ablations": studies} if studies else {})}
     write_report(results, out / "report")
     return results
