@@ -29,13 +29,21 @@ import numpy as np
 MARGINS = (0.01, 0.02, 0.05, 0.1, 0.2)  # nats per response token
 
 
+def rule(own: float, loss: list[float], factors: tuple[float, ...], margin: float, fallback: str) -> float:
+    """The smallest factor whose loss is within `margin` of the fine-tune's own; else, by `fallback`, the
+    factor of the lowest loss or 1 (slta.merges.autoscale.task_factor is the rule this study chose)."""
+    within = [f for f, v in zip(factors, loss) if v <= own + margin]
+    if within:
+        return min(within)
+    return factors[int(np.argmin(loss))] if fallback == "lowest" else 1.0
+
+
 def main() -> None:
     import torch
 
     from slta.demo import Demo
     from slta.demo.strength import STRENGTH_LEVELS, auto_task, solved_scores, triple_stats
     from slta.demo.table import COMBOS
-    from slta.merges.autoscale import task_factor
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("zoos", nargs="+")
@@ -60,9 +68,8 @@ def main() -> None:
             cands = {"paper": [1.0] * len(triple)}
             for m in margins:
                 pairs = list(zip(search["fine_tune_loss"], search["loss"]))
-                cands[f"{m}/lowest"] = [task_factor(own, loss, facs, m) for own, loss in pairs]
-                cands[f"{m}/one"] = [task_factor(own, loss, facs, m) if min(loss) <= own + m else 1.0
-                                     for own, loss in pairs]
+                cands[f"{m}/lowest"] = [rule(own, loss, facs, m, "lowest") for own, loss in pairs]
+                cands[f"{m}/one"] = [rule(own, loss, facs, m, "one") for own, loss in pairs]
             for name, factors in cands.items():
                 val = solved_scores(demo, stats, triple, factors, "val")
                 test = solved_scores(demo, stats, triple, factors, "test")

@@ -132,7 +132,7 @@ def test_scale_per_model_multiplies_each_tasks_alpha_and_solve_picks_the_subsets
 def test_scale_auto_task_matches_whole_models_and_the_margin_rule(tmp_path):
     """`scale: auto_task`: each task's fine-tune loss and its loss under every factor (that task's α times f)
     equal whole transformers models' on that task's calibration responses; the chosen factors follow
-    the rule (the smallest f within the margin of the fine-tune's loss, else the lowest loss) and the
+    the rule (the smallest f within the margin of the fine-tune's loss, else 1) and the
     written merge is the merge with those factors."""
     from slta.merges.autoscale import TASK_FACTORS
 
@@ -158,7 +158,7 @@ def test_scale_auto_task_matches_whole_models_and_the_margin_rule(tmp_path):
             loss.append(reference_losses(folder, tasks, masks)[t])
         np.testing.assert_allclose(search["loss"][t], loss, rtol=1e-5, err_msg=f"task {t}")
         within = [f for f, v in zip(TASK_FACTORS, loss) if v <= own[t] + margin]
-        chosen.append(min(within) if within else TASK_FACTORS[int(np.argmin(loss))])
+        chosen.append(min(within) if within else 1.0)
     assert search["chosen"] == chosen
     fixed = run_merge(write_config(tmp_path / "c.yml", base, tuned, data, scale=chosen, **params), tmp_path / "c",
                       progress=False)
@@ -187,5 +187,5 @@ def test_task_factor_rule():
 
     factors = (0.8, 1.0, 1.2, 1.4)
     assert task_factor(0.1, [0.5, 0.3, 0.12, 0.11], factors, 0.05) == 1.2  # the smallest within the margin
-    assert task_factor(0.1, [0.5, 0.3, 0.12, 0.11], factors, 0.0) == 1.4  # none within: the lowest loss
+    assert task_factor(0.1, [0.5, 0.3, 0.12, 0.11], factors, 0.0) == 1.0  # none within: α as solved
     assert task_factor(0.1, [0.09, 0.3, 0.12, 0.11], factors, 0.0) == 0.8  # below the fine-tune's own counts
