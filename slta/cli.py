@@ -187,7 +187,7 @@ def build_parser(extra: bool | str = True) -> argparse.ArgumentParser:
 
 
 # Subcommands defined beside their implementation (`add_cli(subparsers)`): command -> module.
-COMMAND_MODULES: dict[str, str] = {"demo": "slta.demo", "analyze": "slta.analysis.linearity",
+COMMAND_MODULES: dict[str, str] = {"demo": "slta.demo.cli", "analyze": "slta.analysis.linearity",
                                    "report": "slta.analysis.figures", "diagnose": "slta.analysis.diagnostics"}
 # Their one-line help, for `slta --help` without importing them (tests/test_api.py keeps it equal to the modules').
 COMMAND_HELP: dict[str, str] = {

