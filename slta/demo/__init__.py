@@ -66,6 +66,7 @@ class Demo:
         self.ta_lambda: float | None = None  # task arithmetic's validated λ on the triple: the diagnostics' λ
         self.diagnostics: dict[str, Any] = {}  # level -> slta.analysis.diagnostics document (slta.demo.studies)
         self.generation = {"seconds": 0.0, "prompts": 0}  # where a run's time goes: evaluations not cached
+        self.diagnose = True  # `slta diagnose` the layer and attn_mlp merges (slta.demo.studies); --no-diagnostics
 
     # -- helpers ---------------------------------------------------------------------------------
     def files(self, tasks: tuple[str, ...], split: str) -> dict[str, Path]:

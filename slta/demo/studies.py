@@ -42,7 +42,7 @@ def diagnostics_path(demo: Any, level: str, seed: int, cfg: dict[str, Any]) -> P
     """The cached diagnostics of one slta merge of the demo, or None when the demo does not diagnose it."""
     from slta.analysis.diagnostics import SCHEMA
 
-    if level not in DIAG_LEVELS or seed != 0 or not getattr(demo, "diagnose", True):
+    if level not in DIAG_LEVELS or seed != 0 or not demo.diagnose:
         return None
     key = demo.key({"config": cfg, "diagnostics": SCHEMA, "lambda": demo.ta_lambda, "scales": ALPHA_SCALES})
     return demo.cache / f"diagnostics-{key}.json"
