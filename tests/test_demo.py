@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -306,3 +307,19 @@ def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
         auto = results["slta"][f"{level}|auto_task"][tri][0]
         assert auto["scale"] == auto["scale_search"]["chosen"] and len(auto["scale"]) == 3
         assert {"test", "val"} <= set(auto)
+
+
+def test_cache_keys_of_response_readings_change_with_the_reading(monkeypatch):
+    """A merge that reads response positions (`scale: auto*`, `tokens: response*`) is cached under a key
+    holding the reading's version; one that does not keeps its key when the reading changes."""
+    import slta.demo
+    from slta.demo import Demo
+
+    demo = SimpleNamespace(zoo_hash="z")
+    configs = {"auto_task": {"parameters": {"granularity": "layer", "scale": "auto_task"}},
+               "tokens": {"parameters": {"tokens": "response"}},
+               "plain": {"parameters": {"granularity": "layer"}}, "ta": {"merge_method": "task_arithmetic"}}
+    before = {n: Demo.key(demo, {"config": c}) for n, c in configs.items()}
+    monkeypatch.setattr(slta.demo, "TOKENS_READING", slta.demo.TOKENS_READING + 1)
+    after = {n: Demo.key(demo, {"config": c}) for n, c in configs.items()}
+    assert [n for n in configs if before[n] != after[n]] == ["auto_task", "tokens"]

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slta.engine.tokens import counted_positions
 from slta.zoo import real_base, smollm2
 from slta.zoo.build import build_zoo
 from slta.zoo.real_base import ZooError, convert_gguf, fetch_gguf
@@ -187,6 +188,22 @@ def test_encode_labels_only_the_answer_and_end_of_turn(tiny_gguf, tmp_path):
          {"role": "assistant", "content": "3 pens #### 3"}], tokenize=False).rstrip("\n")
     kept = [t for t in labels if t != -100]
     assert tok.decode(kept) == "3 pens #### 3<|im_end|>" and labels[: len(ids) - len(kept)] == [-100] * (len(ids) - len(kept))
+
+
+def test_response_positions_are_the_trained_tokens(tiny_gguf, tmp_path):
+    """`tokens: response` on a ChatML rendering counts exactly what the fine-tunes were trained on: the
+    answer and its <|im_end|>, not the newline the template writes after it."""
+    path, _, _ = tiny_gguf
+    convert_gguf(path, tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "base")
+    ex = {"prompt": "Question: Ann has 3 pens. How many?\nAnswer:", "response": " 3 pens #### 3", "answer": "3"}
+    ids, labels = smollm2.encode(tok, ex)
+    row = {"messages": smollm2.messages(ex, system=False)}
+    text = tok.apply_chat_template(row["messages"], tokenize=False)
+    assert text.endswith("<|im_end|>\n")
+    got, mask = counted_positions(row, text, tok, "response", False)
+    assert got[: len(ids)] == ids and tok.decode(got[len(ids):]) == "\n"
+    assert mask == [lab != -100 for lab in labels] + [False]
 
 
 def test_response_loss_equals_the_models_own_loss(tiny_gguf, tmp_path):

@@ -37,6 +37,7 @@ from slta.demo.table import (
     write_summary,
 )
 from slta.demo.zoos import KINDS, SYNTHETIC, build_zoos, generation_budget, in_processes, job_count, kind_size
+from slta.engine.tokens import TOKENS_READING
 
 LEVELS = ("model", "layer", "attn_mlp", "head_mlp")
 DATA_METHODS = ("slta", "regmean", "regmean_plusplus")  # merges that read calibration data
@@ -73,6 +74,10 @@ class Demo:
         return {t: self.zoo / "data" / t / f"{split}.jsonl" for t in tasks}
 
     def key(self, what: dict[str, Any]) -> str:
+        params = what.get("config", {}).get("parameters", {})
+        if params.get("tokens", "all") != "all" or str(params.get("scale", "")).startswith("auto"):
+            # a result that reads response positions changes when their reading does (TOKENS_READING)
+            what = {**what, "response_reading": TOKENS_READING}
         blob = json.dumps({**what, "zoo": self.zoo_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

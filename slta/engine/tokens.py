@@ -7,8 +7,9 @@ triple when only response positions count). Beyond the paper, two readings:
 
   response           the positions holding response tokens: the response of a prompt/response sample,
                      the assistant turns of a `messages` sample (each turn from the start of its content
-                     to the end of its rendering, end-of-turn tokens included), every position of a
-                     `text` sample (it has no prompt)
+                     to its end-of-turn token, included: what a fine-tune is trained to emit; whitespace
+                     the template writes after it, like ChatML's newline, is formatting the model never
+                     generates), every position of a `text` sample (it has no prompt)
   response_shifted   the same, plus the position just before each response span (the last prompt
                      position, whose next-token prediction is the first response token): the spans
                      start one position earlier
@@ -18,7 +19,7 @@ a token straddling the prompt/response boundary counts. A special token the toke
 (zero-width offsets: BOS, a trailing EOS) counts when the token before it counts. The assistant turns
 of a chat template's rendering are located by rendering prefixes of the conversation: the turn's
 content starts where the rendering of the messages before it with `add_generation_prompt=True` ends,
-and ends where the rendering up to and including it ends; a template whose renderings are not
+and ends where the rendering up to and including it ends, less trailing whitespace; a template whose renderings are not
 prefixes of the whole falls back to finding the content text itself.
 """
 
@@ -27,6 +28,9 @@ from __future__ import annotations
 from typing import Any
 
 TOKENS = ("all", "response", "response_shifted")
+# bumped when the positions a reading counts change (2: a chat turn ends at its end-of-turn token), so
+# that results cached by what produced them (slta.demo) are not reused across the change
+TOKENS_READING = 2
 RESPONSE_KEYS = ("response", "completion", "answer")  # as slta.engine.calibration (which imports this) reads them
 
 
@@ -61,8 +65,10 @@ def _turn_span(msgs: list, k: int, text: str, tokenizer: Any) -> tuple[int | Non
     except Exception:  # noqa: BLE001 - a template that cannot render a prefix: find the content instead
         return None, 0
     if isinstance(head, str) and isinstance(upto, str) and text.startswith(head) and text.startswith(upto) \
-            and len(upto) > len(head):
-        return len(head), len(upto)
+            and len(upto.rstrip()) > len(head):
+        # ChatML renders "<|im_end|>\n": the newline is never trained on (SmolLM2's fine-tunes put 6 nats
+        # on it), so counting it made a task's response loss look unreachable
+        return len(head), len(upto.rstrip())
     return None, 0
 
 
