@@ -42,8 +42,9 @@ def main() -> None:
     import torch
 
     from slta.demo import Demo
-    from slta.demo.strength import STRENGTH_LEVELS, auto_task, solved_scores, triple_stats
+    from slta.demo.strength import auto_task, solved_scores, triple_stats
     from slta.demo.table import COMBOS
+    from slta.demo.variants import VARIANT_LEVELS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("zoos", nargs="+")
@@ -61,7 +62,7 @@ def main() -> None:
     for zoo in map(Path, a.zoos):
         recipe = json.loads((zoo / "zoo.json").read_text())["recipe"]
         demo = Demo(zoo, Path(a.out) / zoo.name, recipe["size"], "cpu", 1, False, {"slta"}, triple_only=True)
-        for level in STRENGTH_LEVELS:
+        for level in VARIANT_LEVELS:
             search = auto_task(demo, level, triple)["scale_search"]
             stats = triple_stats(demo, level)
             facs = tuple(search["factors"])

@@ -282,16 +282,19 @@ def test_strength_sweep_is_coordinate_ascent_on_the_mean():
 
 def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
     """`--strength`: a per-task factor on slta's α (searched on validation from the triple's statistics)
-    and on task arithmetic's λ, and slta's training-free auto_task, as rows; the triple only (CI time)."""
-    from slta.demo.strength import STRENGTH_LEVELS, TA_PER_TASK
+    and on task arithmetic's λ, and slta's training-free auto_task, as rows; the triple only and one level,
+    attn_mlp (CI time; --levels also picks the levels the strength rows run at)."""
+    from slta.demo.strength import TA_PER_TASK
 
     zoo, out = tiny_zoo, tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "chat", "--zoo",
                            str(zoo), "--out", str(out), "--strength", "--seeds", "1", "--methods",
-                           "task_arithmetic,slta", "--triple-only", "-q"], capture_output=True, text=True, timeout=1800)
+                           "task_arithmetic,slta", "--triple-only", "--levels", "attn_mlp", "-q"],
+                          capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "chat-seed0" / "report" / "results.json").read_text())
     tri = "math+code+translate"
+    assert set(results["slta"]) == {"attn_mlp", "attn_mlp|per-task×scale", "attn_mlp|auto_task"}
     names = [name for name, _ in table_rows(results)]
     assert "Task Arithmetic · per-task λ" in names
     ta, ta_row = results["baselines"]["task_arithmetic"][tri], results["baselines"][TA_PER_TASK][tri]
@@ -299,7 +302,7 @@ def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
     start = ta_row["sweep"][0]  # the sweep starts at the validated λ for every task: the same validation run
     assert start["factors"] == [ta["params"]["weight"]] * 3
     assert math.isclose(np.mean(list(start["val"].values())), ta["val_avg"])
-    for level in STRENGTH_LEVELS:
+    for level in ("attn_mlp",):
         run = results["slta"][f"{level}|per-task×scale"][tri][0]
         assert len(run["scale"]) == 3 and run["scale"] == run["factors"]
         means = [np.mean(list(h["val"].values())) for h in run["sweep"]]

@@ -331,9 +331,9 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     demo.diagnose = diagnostics
     grids = {m: g for m, g in baseline_grids(size, demo.extra_baselines).items() if methods is None or m in methods}
     n_slta = len(demo.levels) * len(demo.seeds) if methods is None or "slta" in methods else 0
-    n_slta += n_variant_steps(len(demo.combos)) if variants and (methods is None or "slta" in methods) else 0
+    n_slta += n_variant_steps(len(demo.combos), demo.levels) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
-    steps += n_strength_steps(len(demo.combos)) if strength else 0
+    steps += n_strength_steps(len(demo.combos), demo.levels) if strength else 0
     with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()

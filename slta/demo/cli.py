@@ -42,7 +42,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="also a factor per task: on slta's α and task arithmetic's λ, chosen on validation, and "
                         "slta's training-free scale: auto_task (slta.demo.strength)")
     p.add_argument("--levels", type=lambda s: [x for x in s.split(",") if x],
-                   help=f"slta's granularities, comma-separated (default all: {','.join(LEVELS)})")
+                   help=f"slta's granularities, comma-separated (default all: {','.join(LEVELS)}); "
+                        "--variants and --strength run at layer and attn_mlp among them")
     p.add_argument("--no-diagnostics", action="store_true",
                    help="skip `slta diagnose` of the layer and attn_mlp merges (about 6 minutes each on SmolLM2)")
     p.add_argument("--device", default="cpu")

@@ -29,15 +29,14 @@ from typing import Any, Callable
 import numpy as np
 
 from slta.demo.table import COMBOS
-from slta.demo.variants import SCALES, SEP, VARIANT_LEVELS
+from slta.demo.variants import SCALES, SEP, variant_levels
 
 RELATIVE = (0.6, 0.8, 1.25, 1.5, 2.0)  # a task's factor relative to the global strength (1.0 is the start)
-STRENGTH_LEVELS = VARIANT_LEVELS
 TA_PER_TASK = "task_arithmetic_per_task"
 
 
-def n_strength_steps(n_combos: int) -> int:
-    return (2 * len(STRENGTH_LEVELS) + 1) * n_combos
+def n_strength_steps(n_combos: int, levels: tuple[str, ...]) -> int:
+    return (2 * len(variant_levels(levels)) + 1) * n_combos
 
 
 def sweep(val_of: Callable[[list[float]], dict[str, float]], start: float, T: int) -> dict[str, Any]:
@@ -142,7 +141,7 @@ def run_strength(demo, bar) -> tuple[dict[str, Any], dict[str, Any]]:
     base: dict[str, Any] = {}
     for combo in demo.combos:
         name = "+".join(combo)
-        for level in STRENGTH_LEVELS:
+        for level in variant_levels(demo.levels):
             bar.set_postfix_str(f"slta {level} per-task scale {name}")
             ours.setdefault(f"{level}{SEP}per-task×scale", {})[name] = [slta_per_task(demo, level, combo)]
             bar.update()

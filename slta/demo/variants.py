@@ -39,8 +39,13 @@ SCALED = ("paper", "response")
 SEARCHED = "×scale"
 
 
-def n_variant_steps(n_combos: int) -> int:
-    return (len(VARIANTS) + len(SCALED)) * len(VARIANT_LEVELS) * len(VARIANT_SEEDS) * n_combos
+def variant_levels(levels: tuple[str, ...]) -> tuple[str, ...]:
+    """The levels the variants (and --strength) run at: VARIANT_LEVELS among a run's --levels."""
+    return tuple(lv for lv in VARIANT_LEVELS if lv in levels)
+
+
+def n_variant_steps(n_combos: int, levels: tuple[str, ...]) -> int:
+    return (len(VARIANTS) + len(SCALED)) * len(variant_levels(levels)) * len(VARIANT_SEEDS) * n_combos
 
 
 def scores(demo, cfg: dict[str, Any], combo: tuple[str, ...], splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -66,7 +71,7 @@ def run_variants(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
     triple = demo.combos[-1]
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name, extra in VARIANTS.items():
-        for level in VARIANT_LEVELS:
+        for level in variant_levels(demo.levels):
             for seed in VARIANT_SEEDS:
                 for combo in demo.combos:
                     bar.set_postfix_str(f"slta {level} {name} {'+'.join(combo)}")
@@ -84,7 +89,7 @@ def run_scaled(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
     α chosen on each combination's validation split from SCALES (the fallback; see SCALES)."""
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for name in SCALED:
-        for level in VARIANT_LEVELS:
+        for level in variant_levels(demo.levels):
             for combo in demo.combos:
                 bar.set_postfix_str(f"slta {level} {name} scale {'+'.join(combo)}")
                 best = None
