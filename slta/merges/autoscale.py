@@ -197,8 +197,9 @@ def search_task_scales(ins: Inputs, plan: Plan, alphas: dict[str, np.ndarray], d
     module is θ_t), and the merge's loss there with t's α times f for every f in ``factors``, the other
     tasks' α as solved. c_t is the smallest f whose loss is within ``margin`` (nats per response token) of
     the fine-tune's own, or 1 if none is: as much of the task as its own answers need, and no more (more
-    only adds interference on the others). Each candidate runs on its task's
-    samples only; the T factors are chosen one task at a time, not jointly."""
+    only adds interference on the others). Each candidate runs on its task's samples only; the T factors
+    are chosen one task at a time, not jointly, and need not combine (on SmolLM2, code's factor that
+    suits code alone costs math most of its accuracy: docs/methods.md)."""
     from slta.engine.calibration import calibration_masks
     from slta.engine.walk import walk
 
