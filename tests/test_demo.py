@@ -302,14 +302,13 @@ def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
     start = ta_row["sweep"][0]  # the sweep starts at the validated λ for every task: the same validation run
     assert start["factors"] == [ta["params"]["weight"]] * 3
     assert math.isclose(np.mean(list(start["val"].values())), ta["val_avg"])
-    for level in ("attn_mlp",):
-        run = results["slta"][f"{level}|per-task×scale"][tri][0]
-        assert len(run["scale"]) == 3 and run["scale"] == run["factors"]
-        means = [np.mean(list(h["val"].values())) for h in run["sweep"]]
-        assert math.isclose(run["val_avg"], max(means)) and run["sweep"][int(np.argmax(means))]["factors"] == run["scale"]
-        auto = results["slta"][f"{level}|auto_task"][tri][0]
-        assert auto["scale"] == auto["scale_search"]["chosen"] and len(auto["scale"]) == 3
-        assert {"test", "val"} <= set(auto)
+    run = results["slta"]["attn_mlp|per-task×scale"][tri][0]
+    assert len(run["scale"]) == 3 and run["scale"] == run["factors"]
+    means = [np.mean(list(h["val"].values())) for h in run["sweep"]]
+    assert math.isclose(run["val_avg"], max(means)) and run["sweep"][int(np.argmax(means))]["factors"] == run["scale"]
+    auto = results["slta"]["attn_mlp|auto_task"][tri][0]
+    assert auto["scale"] == auto["scale_search"]["chosen"] and len(auto["scale"]) == 3
+    assert {"test", "val"} <= set(auto)
 
 
 def test_cache_keys_of_response_readings_change_with_the_reading(monkeypatch):

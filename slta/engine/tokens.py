@@ -19,8 +19,8 @@ a token straddling the prompt/response boundary counts. A special token the toke
 (zero-width offsets: BOS, a trailing EOS) counts when the token before it counts. The assistant turns
 of a chat template's rendering are located by rendering prefixes of the conversation: the turn's
 content starts where the rendering of the messages before it with `add_generation_prompt=True` ends,
-and ends where the rendering up to and including it ends, less trailing whitespace; a template whose renderings are not
-prefixes of the whole falls back to finding the content text itself.
+and ends where the rendering up to and including it ends, less trailing whitespace; a template whose
+renderings are not prefixes of the whole falls back to finding the content text itself.
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ def _turn_span(msgs: list, k: int, text: str, tokenizer: Any) -> tuple[int | Non
         upto = tokenizer.apply_chat_template(msgs[:k + 1], tokenize=False)
     except Exception:  # noqa: BLE001 - a template that cannot render a prefix: find the content instead
         return None, 0
-    if isinstance(head, str) and isinstance(upto, str) and text.startswith(head) and text.startswith(upto) \
-            and len(upto.rstrip()) > len(head):
-        # ChatML renders "<|im_end|>\n": the newline is never trained on (SmolLM2's fine-tunes put 6 nats
-        # on it), so counting it made a task's response loss look unreachable
-        return len(head), len(upto.rstrip())
-    return None, 0
+    if not (isinstance(head, str) and isinstance(upto, str) and text.startswith(head) and text.startswith(upto)):
+        return None, 0
+    # ChatML renders "<|im_end|>\n": the newline is never trained on (SmolLM2's fine-tunes put 6 nats on
+    # it), so counting it made a task's response loss look unreachable
+    end = len(upto.rstrip())
+    return (len(head), end) if end > len(head) else (None, 0)
 
 
 def counted_positions(row: dict, text: str, tokenizer: Any, tokens: str, add_special_tokens: bool
