@@ -54,10 +54,14 @@ def test_killed_merge_leaves_no_output(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the merge finished before it could be interrupted; make it bigger"
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+    # Freeze it the moment its temporary folder exists, so that the signal lands mid-merge however
+    # fast the machine is (a fixed sleep let a fast CI machine finish first).
+    proc.send_signal(signal.SIGSTOP)
+    assert proc.poll() is None and not out.exists(), "the merge finished before it could be interrupted; make it bigger"
+    assert list(tmp_path.glob(".out.tmp-*"))
+    proc.send_signal(signal.SIGTERM)  # pending until the process runs again
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "interrupted" in err and "Traceback" not in err
