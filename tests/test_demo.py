@@ -311,6 +311,34 @@ def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
     assert {"test", "val"} <= set(auto)
 
 
+def test_strength_options_pick_the_rows(monkeypatch):
+    """`--strength auto_task` (or any subset of OPTIONS) runs only those rows, and the progress bar's
+    total counts exactly the steps run; an unknown option is refused by name."""
+    import slta.demo.strength as strength
+
+    calls = []
+    monkeypatch.setattr(strength, "slta_per_task", lambda demo, level, combo: calls.append(("per_task", level)) or {})
+    monkeypatch.setattr(strength, "auto_task", lambda demo, level, combo: calls.append(("auto_task", level)) or {})
+    monkeypatch.setattr(strength, "ta_per_task", lambda demo, combo: calls.append(("ta_per_task", None)) or {})
+    demo = SimpleNamespace(combos=[("math", "code"), ("math", "code", "translate")], levels=("layer", "attn_mlp"))
+    for options, want in [(("auto_task",), {"auto_task"}), (("per_task", "ta_per_task"), {"per_task", "ta_per_task"}),
+                          (True, set(strength.OPTIONS))]:
+        calls.clear()
+        bar = SimpleNamespace(n=0, set_postfix_str=lambda s: None)
+        bar.update = lambda: setattr(bar, "n", bar.n + 1)
+        ours, base = strength.run_strength(demo, bar, options)
+        assert {c[0] for c in calls} == want
+        assert bar.n == len(calls) == strength.n_strength_steps(2, demo.levels, strength.strength_options(options))
+        assert bool(base) == ("ta_per_task" in want)
+        rows = {"per_task": "per-task×scale", "auto_task": "auto_task"}
+        assert set(ours) == {f"{level}|{rows[o]}" for level in demo.levels for o in want if o in rows}
+    with pytest.raises(ValueError, match="unknown --strength options: auto"):
+        strength.strength_options(("auto",))
+    proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--strength", "auto",
+                           "--zoo", "/nonexistent-zoo"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "unknown --strength options: auto" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cache_keys_of_response_readings_change_with_the_reading(monkeypatch):
     """A merge that reads response positions (`scale: auto*`, `tokens: response*`) is cached under a key
     holding the reading's version; one that does not keeps its key when the reading changes."""

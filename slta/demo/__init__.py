@@ -207,8 +207,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              zoo_seeds: list[int] | tuple[int, ...] = (0,), zoo_kind: str = "both",
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
              triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
-             variants: bool = False, base_gguf: str | Path | None = None, strength: bool = False,
-             levels: list[str] | tuple[str, ...] | None = None, diagnostics: bool = True) -> dict[str, Any]:
+             variants: bool = False, base_gguf: str | Path | None = None,
+             strength: bool | tuple[str, ...] = False, levels: list[str] | tuple[str, ...] | None = None, diagnostics: bool = True) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -229,6 +229,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     from transformers.utils import logging as hf_logging
 
     from slta.demo.models import models_summary
+    from slta.demo.strength import strength_options
     from slta.demo.studies import ablation_summary
     from slta.demo.variants import chosen_by_validation
     from slta.zoo.build import recipe_for
@@ -239,6 +240,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     levels = tuple(levels or LEVELS)
     if not set(levels) <= set(LEVELS):
         raise ValueError(f"unknown levels: {', '.join(sorted(set(levels) - set(LEVELS)))}; known: {', '.join(LEVELS)}")
+    strength_options(strength)  # an unknown option fails here, not after the zoos are built
     known = set(baseline_grids(size, True)) | {"slta"}
     if methods is not None and not set(methods) <= known:
         raise ValueError(f"unknown methods: {', '.join(sorted(set(methods) - known))}; known: {', '.join(sorted(known))}")
@@ -312,17 +314,18 @@ def _one_zoo(*args: Any) -> dict[str, Any]:
 
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
                  methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
-                 variants: bool = False, strength: bool = False, levels: tuple[str, ...] = LEVELS,
+                 variants: bool = False, strength: bool | tuple[str, ...] = False, levels: tuple[str, ...] = LEVELS,
                  diagnostics: bool = True) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
     `ablations`: also the calibration-sample-count study (slta.demo.studies, paper Table 11) and, on a
     chat zoo, the number of models merged (slta.demo.models, paper Table 10).
     `variants`: also slta's options beyond the paper and RegMean++ (slta.demo.variants).
-    `strength`: also a factor per task on slta's α and task arithmetic's λ (slta.demo.strength)."""
+    `strength`: also a factor per task on slta's α and task arithmetic's λ (slta.demo.strength): True for
+    every option there, or a tuple of its OPTIONS."""
     from torch import get_num_threads
 
     from slta.demo.models import model_ablation
-    from slta.demo.strength import n_strength_steps, run_strength
+    from slta.demo.strength import n_strength_steps, run_strength, strength_options
     from slta.demo.studies import sample_ablation, validated_lambda
     from slta.demo.variants import n_variant_steps, run_variants
 
@@ -333,7 +336,8 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     n_slta = len(demo.levels) * len(demo.seeds) if methods is None or "slta" in methods else 0
     n_slta += n_variant_steps(len(demo.combos), demo.levels) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
-    steps += n_strength_steps(len(demo.combos), demo.levels) if strength else 0
+    strength = strength_options(strength)
+    steps += n_strength_steps(len(demo.combos), demo.levels, strength) if strength else 0
     with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()
@@ -344,7 +348,7 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
         if variants and (methods is None or "slta" in methods):
             ours.update(run_variants(demo, bar))
         if strength:
-            per_task, ta = run_strength(demo, bar)
+            per_task, ta = run_strength(demo, bar, strength)
             ours.update(per_task)
             base.update(ta)
         bar.set_postfix_str("ablations" if ablations else "")

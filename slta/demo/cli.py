@@ -38,9 +38,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", action="store_true",
                    help="also slta's options beyond the paper (tokens, inputs, refine) and RegMean++ as extra rows "
                         "(slta.demo.variants); a variant is chosen on the validation split")
-    p.add_argument("--strength", action="store_true",
-                   help="also a factor per task: on slta's α and task arithmetic's λ, chosen on validation, and "
-                        "slta's training-free scale: auto_task (slta.demo.strength)")
+    p.add_argument("--strength", nargs="?", const=True, default=False, metavar="OPTIONS",
+                   type=lambda s: tuple(x for x in s.split(",") if x),
+                   help="also a factor per task: on slta's α (per_task) and task arithmetic's λ (ta_per_task), "
+                        "chosen on validation, and slta's training-free scale: auto_task (slta.demo.strength); "
+                        "all three, or those named, e.g. --strength auto_task")
     p.add_argument("--levels", type=lambda s: [x for x in s.split(",") if x],
                    help=f"slta's granularities, comma-separated (default all: {','.join(LEVELS)}); "
                         "--variants and --strength run at layer and attn_mlp among them")

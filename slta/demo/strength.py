@@ -33,10 +33,25 @@ from slta.demo.variants import SCALES, SEP, variant_levels
 
 RELATIVE = (0.6, 0.8, 1.25, 1.5, 2.0)  # a task's factor relative to the global strength (1.0 is the start)
 TA_PER_TASK = "task_arithmetic_per_task"
+# `--strength OPTIONS`: which rows; the validation searches cost ~10x a closed-form merge on SmolLM2,
+# auto_task ~4x (docs/methods.md), so a short demo can run the training-free row alone
+OPTIONS = ("per_task", "auto_task", "ta_per_task")
 
 
-def n_strength_steps(n_combos: int, levels: tuple[str, ...]) -> int:
-    return (2 * len(variant_levels(levels)) + 1) * n_combos
+def strength_options(strength: bool | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`--strength`'s rows: () for none, every one of OPTIONS for True, else those named (checked)."""
+    if strength is True:
+        return OPTIONS
+    options = tuple(strength or ())
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown --strength options: {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
+    return options
+
+
+def n_strength_steps(n_combos: int, levels: tuple[str, ...], options: tuple[str, ...] = OPTIONS) -> int:
+    per_level = sum(o in options for o in ("per_task", "auto_task"))
+    return (per_level * len(variant_levels(levels)) + ("ta_per_task" in options)) * n_combos
 
 
 def sweep(val_of: Callable[[list[float]], dict[str, float]], start: float, T: int) -> dict[str, Any]:
@@ -135,20 +150,25 @@ def auto_task(demo, level: str, combo: tuple[str, ...]) -> dict[str, Any]:
             **{s: json.loads(p.read_text()) for s, p in paths.items()}}
 
 
-def run_strength(demo, bar) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(slta rows {"LEVEL|per-task×scale" | "LEVEL|auto_task": {combo: [run]}}, {TA_PER_TASK: {combo: run}})."""
+def run_strength(demo, bar, options: tuple[str, ...] = OPTIONS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(slta rows {"LEVEL|per-task×scale" | "LEVEL|auto_task": {combo: [run]}}, {TA_PER_TASK: {combo: run}}),
+    for the `options` (OPTIONS) asked for."""
+    options = strength_options(options)
     ours: dict[str, Any] = {}
     base: dict[str, Any] = {}
     for combo in demo.combos:
         name = "+".join(combo)
         for level in variant_levels(demo.levels):
-            bar.set_postfix_str(f"slta {level} per-task scale {name}")
-            ours.setdefault(f"{level}{SEP}per-task×scale", {})[name] = [slta_per_task(demo, level, combo)]
+            if "per_task" in options:
+                bar.set_postfix_str(f"slta {level} per-task scale {name}")
+                ours.setdefault(f"{level}{SEP}per-task×scale", {})[name] = [slta_per_task(demo, level, combo)]
+                bar.update()
+            if "auto_task" in options:
+                bar.set_postfix_str(f"slta {level} auto_task {name}")
+                ours.setdefault(f"{level}{SEP}auto_task", {})[name] = [auto_task(demo, level, combo)]
+                bar.update()
+        if "ta_per_task" in options:
+            bar.set_postfix_str(f"task arithmetic per-task λ {name}")
+            base.setdefault(TA_PER_TASK, {})[name] = ta_per_task(demo, combo)
             bar.update()
-            bar.set_postfix_str(f"slta {level} auto_task {name}")
-            ours.setdefault(f"{level}{SEP}auto_task", {})[name] = [auto_task(demo, level, combo)]
-            bar.update()
-        bar.set_postfix_str(f"task arithmetic per-task λ {name}")
-        base.setdefault(TA_PER_TASK, {})[name] = ta_per_task(demo, combo)
-        bar.update()
     return ours, base
