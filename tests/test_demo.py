@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -115,6 +116,15 @@ def test_tiny_demo_end_to_end(tmp_path, tiny_zoo):
             first[kind]["baselines"]
         work = out / f"{kind}-seed0" / "work"
         assert not work.exists() or not any(work.iterdir())
+    # a report folder removed (or a new OUT sharing the cache) gets the attn_mlp merge's report back from
+    # the cache, not from a second merge (whose report would differ in its timings)
+    kept = out / "chat-seed0" / "report" / "slta_attn_mlp_triple_seed0" / "slta_report.json"
+    before = kept.read_bytes()
+    shutil.rmtree(out / "chat-seed0" / "report")
+    third = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--zoo-kind", "chat", "--zoo",
+                            str(zoo), "--out", str(out), "-q"], capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert kept.read_bytes() == before
 
 
 def test_methods_option_restricts_the_study(tmp_path):

@@ -167,13 +167,19 @@ class Demo:
                 key = self.key({"config": cfg})
                 folder = self.work / f"slta-{key}"
                 keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
+                kept = self.cache / f"report-{key}"  # the merge's report and card, for a new OUT sharing this cache
                 diag = diagnostics_path(self, level, seed, cfg)
                 cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
-                             for c in self.combos) and (keep is None or keep.exists()) and (diag is None or diag.exists())
+                             for c in self.combos) and (keep is None or keep.exists() or kept.exists()) and \
+                    (diag is None or diag.exists())
                 if not cached:
                     run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
                     if seed == 0:  # the statistics, for re-solving without a forward pass (slta.demo.strength)
                         shutil.copy2(folder / "slta_stats.safetensors", self.cache / f"stats-{key}.safetensors")
+                    if keep is not None:
+                        kept.mkdir(exist_ok=True)
+                        for f in ("slta_report.json", "README.md"):
+                            shutil.copy2(folder / f, kept / f)
                 if diag is not None:
                     self.diagnostics[level] = diagnose_cached(self, folder, diag)
                 for combo in self.combos:
@@ -192,11 +198,9 @@ class Demo:
                         scores = json.loads(path.read_text())
                     results.setdefault(level, {}).setdefault("+".join(combo), []).append(
                         {"seed": seed, "test": scores})
-                if keep is not None and not keep.exists() and folder.exists():
+                if keep is not None and not keep.exists() and kept.exists():
                     keep.parent.mkdir(parents=True, exist_ok=True)
-                    keep.mkdir()
-                    for f in ("slta_report.json", "README.md"):
-                        shutil.copy2(folder / f, keep / f)
+                    shutil.copytree(kept, keep)
                 shutil.rmtree(folder, ignore_errors=True)
                 bar.update()
         return results
