@@ -212,7 +212,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              methods: list[str] | None = None, zoo_overrides: dict[str, Any] | None = None,
              triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
              variants: bool = False, base_gguf: str | Path | None = None,
-             strength: bool | tuple[str, ...] = False, levels: list[str] | tuple[str, ...] | None = None, diagnostics: bool = True) -> dict[str, Any]:
+             strength: bool | tuple[str, ...] = False, levels: list[str] | tuple[str, ...] | None = None,
+             diagnostics: bool = True) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
