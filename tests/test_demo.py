@@ -172,6 +172,34 @@ def test_levels_and_no_diagnostics(tmp_path, tiny_zoo):
     assert set(results["diagnostics"]) == {"layer"}
 
 
+def test_one_zoo_on_two_processes_gives_the_in_order_results(tmp_path, tiny_zoo, monkeypatch):
+    """With spare cores a zoo's independent merges and evaluations run first in worker processes
+    (slta.demo.parallel). Its results equal the one-process run's, and the warm-up leaves the in-order pass
+    nothing to merge or evaluate: the parent process below cannot merge, solve or generate at all."""
+    import slta.evaluate
+    import slta.merge
+    from slta.demo import demo_one_zoo, run_demo
+
+    methods = ["weight_average", "task_arithmetic", "regmean_plusplus", "slta"]
+    run_demo(tiny_zoo, tmp_path / "one", "tiny", seeds=1, progress=False, zoo_kind="chat", methods=methods,
+             jobs=1, levels=["layer"], strength=("auto_task",))
+    one = json.loads((tmp_path / "one" / "chat-seed0" / "report" / "results.json").read_text())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the in-order pass merged or evaluated: the warm-up missed a unit")
+    for module, name in ((slta.merge, "run_merge"), (slta.merge, "run_solve"), (slta.evaluate, "evaluate")):
+        monkeypatch.setattr(module, name, refuse)
+    two = demo_one_zoo(tiny_zoo / "chat-seed0", tmp_path / "two", "tiny", "cpu", 1, False, set(methods),
+                       strength=("auto_task",), levels=("layer",), jobs=2)
+    for part in ("reference", "baselines", "slta"):
+        assert two[part] == one[part], part
+    assert set(two["slta"]) == {"layer", "layer|auto_task"} and len(two["baselines"]) == 3
+    assert two["diagnostics"]["layer"]["summary"] == one["diagnostics"]["layer"]["summary"]
+    # the workers' generation is counted: the same prompts as the one-process run
+    assert two["timings_s"]["prompts_generated"] == one["timings_s"]["prompts_generated"] > 0
+    assert not list((tmp_path / "two" / "cache").glob("*.tmp*"))
+
+
 def test_regmean_plusplus_named_in_methods_runs_without_variants(tmp_path, tiny_zoo):
     """`--methods regmean_plusplus` alone runs RegMean++ (it was once run only with `--variants`, so
     naming it did nothing)."""

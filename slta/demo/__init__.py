@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -95,7 +96,9 @@ class Demo:
         self.generation["seconds"] += time.perf_counter() - t  # loading the model included
         self.generation["prompts"] += sum(min(limit or 10**9, sum(1 for line in f.open() if line.strip()))
                                           for f in files.values())
-        path.write_text(json.dumps(scores))
+        tmp = path.with_suffix(f".tmp{os.getpid()}")  # a killed run, or a second process, never leaves half a file
+        tmp.write_text(json.dumps(scores))
+        tmp.replace(path)
         return scores
 
     def merge_config(self, method: str, tasks: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any]:
@@ -133,78 +136,91 @@ class Demo:
                     results.setdefault(method, {})["+".join(combo)] = self.tuned(method, combo, grid, bar)
         return results
 
-    def tuned(self, method: str, combo: tuple[str, ...], grid: list[dict[str, Any]], bar=None,
-              tag: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Grid search on the validation split (A.3.4), then the test split at the chosen point."""
+    def method_config(self, method: str, tasks: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any]:
+        """A grid point's merge config (the data-driven methods read 30 calibration samples per task)."""
+        return self.merge_config(method, tasks, {**params, "num_samples": 30} if method in DATA_METHODS else params)
+
+    def chosen(self, method: str, combo: tuple[str, ...], grid: list[dict[str, Any]], bar=None,
+               tag: dict[str, Any] | None = None) -> tuple[dict[str, Any], float | None]:
+        """(the grid point with the best mean validation accuracy (the first of ties), that accuracy)."""
         best, best_params = -1.0, None
         for params in grid:
             if bar is not None:
                 bar.set_postfix_str(f"{method} {'+'.join(combo)} {params}")
                 bar.update()
             if len(grid) == 1:  # nothing to choose: no validation run
-                best, best_params = None, params
-                break
-            cfg = self.merge_config(method, combo, {**params, "num_samples": 30} if method in DATA_METHODS else params)
-            val = np.mean(list(self.merged_scores(cfg, combo, "val", tag).values()))
+                return params, None
+            val = np.mean(list(self.merged_scores(self.method_config(method, combo, params), combo, "val", tag).values()))
             if val > best:
                 best, best_params = val, params
-        cfg = self.merge_config(method, combo, {**best_params, "num_samples": 30} if method in DATA_METHODS else best_params)
-        return {"params": best_params, "val_avg": best, "test": self.merged_scores(cfg, combo, "test", tag)}
+        return best_params, best
+
+    def tuned(self, method: str, combo: tuple[str, ...], grid: list[dict[str, Any]], bar=None,
+              tag: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Grid search on the validation split (A.3.4), then the test split at the chosen point."""
+        params, val = self.chosen(method, combo, grid, bar, tag)
+        return {"params": params, "val_avg": val,
+                "test": self.merged_scores(self.method_config(method, combo, params), combo, "test", tag)}
 
     def slta(self, bar) -> dict[str, dict[str, Any]]:
         """Per level and seed: one forward pass on the triple, every pair re-solved from its statistics."""
-        from slta.demo.studies import diagnose_cached, diagnostics_path
-        from slta.merge import run_merge, run_solve
-
         results: dict[str, dict[str, Any]] = {}
-        triple = COMBOS[-1]
         if self.methods is not None and "slta" not in self.methods:
             return results
         for level in self.levels:
             for seed in self.seeds:
                 bar.set_postfix_str(f"slta {level} seed {seed}")
-                cfg = self.merge_config("slta", triple, {"granularity": level, "num_samples": 30, "seed": seed})
-                key = self.key({"config": cfg})
-                folder = self.work / f"slta-{key}"
-                keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
-                kept = self.cache / f"report-{key}"  # the merge's report and card, for a new OUT sharing this cache
-                diag = diagnostics_path(self, level, seed, cfg)
-                cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
-                             for c in self.combos) and (keep is None or keep.exists() or kept.exists()) and \
-                    (diag is None or diag.exists())
-                if not cached:
-                    run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
-                    if seed == 0:  # the statistics, for re-solving without a forward pass (slta.demo.strength)
-                        shutil.copy2(folder / "slta_stats.safetensors", self.cache / f"stats-{key}.safetensors")
-                    if keep is not None:
-                        kept.mkdir(exist_ok=True)
-                        for f in ("slta_report.json", "README.md"):
-                            shutil.copy2(folder / f, kept / f)
-                if diag is not None:
-                    self.diagnostics[level] = diagnose_cached(self, folder, diag)
-                for combo in self.combos:
-                    ck = self.key({"config": cfg, "combo": combo})
-                    path = self.cache / f"eval-{ck}-test.json"
-                    if not path.exists():
-                        if combo == triple:
-                            scores = self.evaluate(folder, combo, "test", ck)
-                        else:
-                            sub = folder.with_name(folder.name + "-" + "+".join(combo))
-                            run_solve(folder / "slta_stats.safetensors", sub, models=[triple.index(t) for t in combo],
-                                      overwrite=True, progress=False)
-                            scores = self.evaluate(sub, combo, "test", ck)
-                            shutil.rmtree(sub, ignore_errors=True)
-                    else:
-                        scores = json.loads(path.read_text())
-                    results.setdefault(level, {}).setdefault("+".join(combo), []).append(
-                        {"seed": seed, "test": scores})
-                if keep is not None and not keep.exists() and kept.exists():
-                    keep.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copytree(kept, keep)
-                shutil.rmtree(folder, ignore_errors=True)
+                for combo, scores in self.slta_one(level, seed).items():
+                    results.setdefault(level, {}).setdefault(combo, []).append({"seed": seed, "test": scores})
                 bar.update()
         return results
 
+    def slta_one(self, level: str, seed: int) -> dict[str, dict[str, float]]:
+        """One level and calibration seed: {combo: test scores}, every pair re-solved from the triple's statistics."""
+        from slta.demo.studies import diagnose_cached, diagnostics_path
+        from slta.merge import run_merge, run_solve
+
+        triple = COMBOS[-1]
+        cfg = self.merge_config("slta", triple, {"granularity": level, "num_samples": 30, "seed": seed})
+        key = self.key({"config": cfg})
+        folder = self.work / f"slta-{key}"
+        keep = self.out / "report" / "slta_attn_mlp_triple_seed0" if (level, seed) == ("attn_mlp", 0) else None
+        kept = self.cache / f"report-{key}"  # the merge's report and card, for a new OUT sharing this cache
+        diag = diagnostics_path(self, level, seed, cfg)
+        cached = all((self.cache / f"eval-{self.key({'config': cfg, 'combo': c})}-test.json").exists()
+                     for c in self.combos) and (keep is None or keep.exists() or kept.exists()) and \
+            (diag is None or diag.exists())
+        if not cached:
+            run_merge(cfg, folder, overwrite=True, device=self.device, progress=False)
+            if seed == 0:  # the statistics, for re-solving without a forward pass (slta.demo.strength)
+                stats = self.cache / f"stats-{key}.safetensors"
+                shutil.copy2(folder / "slta_stats.safetensors", stats.with_suffix(".tmp"))
+                stats.with_suffix(".tmp").replace(stats)
+            if keep is not None:
+                kept.mkdir(exist_ok=True)
+                for f in ("slta_report.json", "README.md"):
+                    shutil.copy2(folder / f, kept / f)
+        if diag is not None:
+            self.diagnostics[level] = diagnose_cached(self, folder, diag)
+        scores: dict[str, dict[str, float]] = {}
+        for combo in self.combos:
+            ck = self.key({"config": cfg, "combo": combo})
+            path = self.cache / f"eval-{ck}-test.json"
+            if path.exists():
+                scores["+".join(combo)] = json.loads(path.read_text())
+            elif combo == triple:
+                scores["+".join(combo)] = self.evaluate(folder, combo, "test", ck)
+            else:
+                sub = folder.with_name(folder.name + "-" + "+".join(combo))
+                run_solve(folder / "slta_stats.safetensors", sub, models=[triple.index(t) for t in combo],
+                          overwrite=True, progress=False)
+                scores["+".join(combo)] = self.evaluate(sub, combo, "test", ck)
+                shutil.rmtree(sub, ignore_errors=True)
+        if keep is not None and not keep.exists() and kept.exists():
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(kept, keep)
+        shutil.rmtree(folder, ignore_errors=True)
+        return scores
 
 def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size: str = "default",
              device: str = "cpu", seeds: int = 3, progress: bool = True, threads: int = 1,
@@ -219,7 +235,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
     zoo/SIZE; the chat kind of a default-size demo is built at `small`, in ``chat-small-seedN/``,
     see slta.demo.zoos). The zoos are built first, then merged and evaluated, ``jobs`` at a time (default:
-    one per core). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
+    one per core); with fewer zoos than processes, each zoo's independent merges and evaluations first run
+    on the spare ones (slta.demo.parallel; one thread each). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
     per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
     ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
@@ -234,6 +251,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     from transformers.utils import logging as hf_logging
 
     from slta.demo.models import models_summary
+    from slta.demo.parallel import study_jobs
     from slta.demo.strength import strength_options
     from slta.demo.studies import ablation_summary
     from slta.demo.variants import chosen_by_validation
@@ -272,7 +290,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     done = dict(zip(todo, in_processes(_one_zoo, [(
         zoos[(k, zs)][0], out / f"{k}-seed{zs}", kind_size(k, size), device, seeds, progress and n_jobs == 1,
         set(methods) if methods is not None else None, triple_only, ablations, variants, strength, levels, diagnostics,
-        threads)
+        study_jobs(jobs, threads, n_jobs), threads)
         for k, zs in todo],
         n_jobs)))
     for kind in kinds:
@@ -320,16 +338,18 @@ def _one_zoo(*args: Any) -> dict[str, Any]:
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
                  methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
                  variants: bool = False, strength: bool | tuple[str, ...] = False, levels: tuple[str, ...] = LEVELS,
-                 diagnostics: bool = True) -> dict[str, Any]:
+                 diagnostics: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
     `ablations`: also the calibration-sample-count study (slta.demo.studies, paper Table 11) and, on a
     chat zoo, the number of models merged (slta.demo.models, paper Table 10).
     `variants`: also slta's options beyond the paper and RegMean++ (slta.demo.variants).
     `strength`: also a factor per task on slta's α and task arithmetic's λ (slta.demo.strength): True for
-    every option there, or a tuple of its OPTIONS."""
+    every option there, or a tuple of its OPTIONS.
+    `jobs` > 1: the independent merges and evaluations first run in that many processes (slta.demo.parallel)."""
     from torch import get_num_threads
 
     from slta.demo.models import model_ablation
+    from slta.demo.parallel import warm_up
     from slta.demo.strength import n_strength_steps, run_strength, strength_options
     from slta.demo.studies import sample_ablation, validated_lambda
     from slta.demo.variants import n_variant_steps, run_variants
@@ -343,6 +363,9 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
     strength = strength_options(strength)
     steps += n_strength_steps(len(demo.combos), demo.levels, strength) if strength else 0
+    if jobs > 1:
+        warm_up(demo, (zoo, out, size, device, seeds, False, methods, triple_only, variants, levels), strength, jobs,
+                progress)
     with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()

