@@ -236,8 +236,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     zoo/SIZE; the chat kind of a default-size demo is built at `small`, in ``chat-small-seedN/``,
     see slta.demo.zoos). The zoos are built first, then merged and evaluated, ``jobs`` at a time (default:
     one per core); with fewer zoos than processes, each zoo's independent merges and evaluations first run
-    on the spare ones (slta.demo.parallel; one thread each). Each zoo gets its own report in OUT/KIND-seedN/report; OUT/report holds a table
-    per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
+    on the spare ones (slta.demo.parallel; one thread each). Each zoo gets its own report in
+    OUT/KIND-seedN/report; OUT/report holds a table per kind with every method as mean ± std across zoo seeds. ``methods`` restricts the merge
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
     ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
     that has them. ``levels``: slta's granularities (default the paper's four, LEVELS). ``diagnostics``:
@@ -310,7 +310,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
         print(f"baselines in brief: {summary_line(study['kinds'][kind]['summary'])}")
         print("time per zoo (merging and evaluating what was not cached): " + "; ".join(
             f"seed {r['zoo_seed']}: {r['timings_s']['total']:.0f} s, of which generation {r['timings_s']['generation']:.0f} s "
-            f"({r['timings_s']['prompts_generated']} prompts)" for r in per_zoo))
+            + (f"summed over {r['timings_s']['processes']} processes " if r["timings_s"].get("processes", 1) > 1 else "")
+            + f"({r['timings_s']['prompts_generated']} prompts)" for r in per_zoo))
         if variants:
             study["kinds"][kind]["chosen_on_validation"] = chosen = [chosen_by_validation(r) for r in per_zoo]
             print("slta chosen on the validation split (triple, calibration seed 0), per zoo: " + "; ".join(
@@ -363,9 +364,11 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
     strength = strength_options(strength)
     steps += n_strength_steps(len(demo.combos), demo.levels, strength) if strength else 0
+    warm = time.perf_counter()
     if jobs > 1:
         warm_up(demo, (zoo, out, size, device, seeds, False, methods, triple_only, variants, levels), strength, jobs,
                 progress)
+    warm = time.perf_counter() - warm
     with tqdm(total=steps, desc=f"slta demo {zoo.name}", disable=not progress) as bar:
         bar.set_postfix_str("base and fine-tunes")
         refs = demo.reference_rows()
@@ -386,7 +389,8 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     results = {"size": size, "zoo": str(zoo), "zoo_recipe_hash": demo.zoo_hash, "reference": refs,
                "baselines": base, "slta": ours, "seeds": demo.seeds,
                "timings_s": {"total": time.perf_counter() - started, "generation": demo.generation["seconds"],
-                             "prompts_generated": demo.generation["prompts"]},
+                             "prompts_generated": demo.generation["prompts"], "processes": jobs,
+                             "warm_up": warm},
                **({"diagnostics": demo.diagnostics} if demo.diagnostics else {}), **({"ablations": studies} if studies else {})}
     write_report(results, out / "report")
     return results

@@ -55,16 +55,15 @@ def waves(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], Any]:
     return first, second
 
 
-def run_unit(demo_args: tuple, ta_lambda: float | None, diagnose: bool, unit: Unit) -> dict[str, float]:
-    """One unit in a worker process (one thread); returns its generation time and prompt count."""
+def run_unit(make_demo: Any, demo_args: tuple, ta_lambda: float | None, diagnose: bool, unit: Unit) -> dict[str, float]:
+    """One unit in a worker process (one thread), on `make_demo(*demo_args)` (slta.demo.Demo, passed in so
+    that this module does not import the package above it); returns its generation time and prompt count."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from slta.demo import Demo
-
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
-    demo = Demo(*demo_args)
+    demo = make_demo(*demo_args)
     demo.ta_lambda, demo.diagnose = ta_lambda, diagnose
     kind, *rest = unit
     if kind == "ref":
@@ -112,7 +111,7 @@ def warm_up(demo: Any, demo_args: tuple, strength: tuple[str, ...], jobs: int, p
                 bar.refresh()
             else:
                 units = first
-            running = {pool.submit(run_unit, demo_args, demo.ta_lambda, demo.diagnose, u): u for u in units}
+            running = {pool.submit(run_unit, type(demo), demo_args, demo.ta_lambda, demo.diagnose, u): u for u in units}
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
