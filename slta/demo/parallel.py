@@ -45,11 +45,13 @@ def waves(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], Any]:
         for combo in demo.combos:
             first += [("val", method, combo, p) for p in grid] if len(grid) > 1 else [("test", method, combo, grid[0])]
 
-    def second(demo: Any) -> list[Unit]:
+    def second(demo: Any, choose: bool = True) -> list[Unit]:
+        """Wave 2; `choose=False`: the same units with their grid points left open (to size the progress bar)."""
         units: list[Unit] = [("slta", level, seed) for level in demo.levels for seed in demo.seeds] if with_slta else []
         for method, grid in grids.items():
             if len(grid) > 1:
-                units += [("test", method, combo, demo.chosen(method, combo, grid)[0]) for combo in demo.combos]
+                units += [("test", method, combo, demo.chosen(method, combo, grid)[0] if choose else None)
+                          for combo in demo.combos]
         return units
 
     return first, second
@@ -81,6 +83,17 @@ def run_unit(make_demo: Any, demo_args: tuple, ta_lambda: float | None, diagnose
     return demo.generation
 
 
+def cost(demo: Any, unit: Unit) -> float:
+    """A unit's rough cost, in validation runs of a weight-only merge (about 0.9 min on SmolLM2: `make demo`'s
+    log has an `auto_task` merge at 8.5 min, slta's at 3.4, a RegMean++ validation run at about 3), so that the
+    bar's time left does not count unequal units as equal."""
+    kind, *rest = unit
+    if kind in ("val", "test"):
+        reads_data = "data" in demo.merge_config(rest[0], rest[1], {})["models"][0]  # a merge with forward passes
+        return (1.0 if kind == "val" else 1.6) + (2.0 if reads_data else 0.0)
+    return {"ref": 2.5, "slta": 4.0, "auto_task": 9.0}[kind]
+
+
 def describe(unit: Unit) -> str:
     kind, *rest = unit
     if kind in ("val", "test"):
@@ -96,9 +109,11 @@ def warm_up(demo: Any, demo_args: tuple, strength: tuple[str, ...], jobs: int, p
     from slta.demo.studies import validated_lambda
 
     first, second = waves(demo, strength)
+    total = sum(cost(demo, u) for u in first + second(demo, choose=False))
     # spawn, not fork: a forked child would inherit torch's thread pools and the parent's state
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
-            tqdm(total=len(first), desc=f"slta demo {demo.zoo.name}, {jobs} processes", disable=not progress) as bar:
+            tqdm(total=total, desc=f"slta demo {demo.zoo.name}, {jobs} processes", disable=not progress,
+                 bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}") as bar:
         for wave in (1, 2):
             if wave == 2:
                 grid = baseline_grids(demo.size).get("task_arithmetic")
@@ -107,11 +122,10 @@ def warm_up(demo: Any, demo_args: tuple, strength: tuple[str, ...], jobs: int, p
                     "params": demo.chosen("task_arithmetic", COMBOS[-1], grid)[0]}}}) \
                     if ran_ta and COMBOS[-1] in demo.combos else None
                 units = second(demo)
-                bar.total += len(units)
-                bar.refresh()
             else:
                 units = first
             running = {pool.submit(run_unit, type(demo), demo_args, demo.ta_lambda, demo.diagnose, u): u for u in units}
+            bar.set_postfix_str("running: " + "; ".join(describe(u) for u in units[:jobs]))
             while running:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in done:
@@ -119,8 +133,9 @@ def warm_up(demo: Any, demo_args: tuple, strength: tuple[str, ...], jobs: int, p
                     gen = f.result()  # a failed unit fails the study, naming itself in the traceback
                     demo.generation["seconds"] += gen["seconds"]
                     demo.generation["prompts"] += gen["prompts"]
-                    bar.set_postfix_str(f"done: {describe(unit)}")
-                    bar.update()
+                    bar.update(cost(demo, unit))
+                if running:
+                    bar.set_postfix_str("running: " + "; ".join(describe(u) for u in list(running.values())[:jobs]))
 
 
 def study_jobs(jobs: int | None, threads: int, zoos_at_once: int, cores: int | None = None) -> int:
