@@ -125,8 +125,11 @@ class Demo:
     # -- the steps --------------------------------------------------------------------------------
     def reference_rows(self) -> dict[str, dict[str, float]]:
         """Base and every fine-tune on every task's test split."""
-        return {name: self.evaluate(self.zoo / name, TASKS, "test", self.key({"model": name}))
-                for name in ("base", *TASKS)}
+        return {name: self.reference(name) for name in ("base", *TASKS)}
+
+    def reference(self, name: str) -> dict[str, float]:
+        """The base or one fine-tune (`name`) on every task's test split."""
+        return self.evaluate(self.zoo / name, TASKS, "test", self.key({"model": name}))
 
     def baselines(self, bar) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}

@@ -69,7 +69,7 @@ def run_unit(make_demo: Any, demo_args: tuple, ta_lambda: float | None, diagnose
     demo.ta_lambda, demo.diagnose = ta_lambda, diagnose
     kind, *rest = unit
     if kind == "ref":
-        demo.evaluate(demo.zoo / rest[0], TASKS, "test", demo.key({"model": rest[0]}))
+        demo.reference(rest[0])
     elif kind in ("val", "test"):
         method, combo, params = rest
         demo.merged_scores(demo.method_config(method, combo, params), combo, kind)
@@ -106,8 +106,6 @@ def describe(unit: Unit) -> str:
 def warm_up(demo: Any, demo_args: tuple, strength: tuple[str, ...], jobs: int, progress: bool) -> None:
     """Fill `demo`'s cache with the study's independent units, `jobs` processes at a time (module docstring).
     Adds the workers' generation time and prompts to demo.generation."""
-    from slta.demo.studies import validated_lambda
-
     first, second = waves(demo, strength)
     total = sum(cost(demo, u) for u in first + second(demo, choose=False))
     # spawn, not fork: a forked child would inherit torch's thread pools and the parent's state
@@ -116,11 +114,10 @@ def warm_up(demo: Any, demo_args: tuple, strength: tuple[str, ...], jobs: int, p
                  bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}") as bar:
         for wave in (1, 2):
             if wave == 2:
-                grid = baseline_grids(demo.size).get("task_arithmetic")
-                ran_ta = demo.methods is None or "task_arithmetic" in demo.methods
-                demo.ta_lambda = validated_lambda({"task_arithmetic": {"+".join(COMBOS[-1]): {
-                    "params": demo.chosen("task_arithmetic", COMBOS[-1], grid)[0]}}}) \
-                    if ran_ta and COMBOS[-1] in demo.combos else None
+                if COMBOS[-1] in demo.combos and (demo.methods is None or "task_arithmetic" in demo.methods):
+                    # the diagnostics' λ (slta.demo.studies.validated_lambda), from wave 1's cached validation runs
+                    grid = baseline_grids(demo.size)["task_arithmetic"]
+                    demo.ta_lambda = demo.chosen("task_arithmetic", COMBOS[-1], grid)[0].get("weight")
                 units = second(demo)
             else:
                 units = first
