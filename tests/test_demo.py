@@ -181,8 +181,9 @@ def test_one_zoo_on_two_processes_gives_the_in_order_results(tmp_path, tiny_zoo,
     from slta.demo import demo_one_zoo, run_demo
 
     methods = ["weight_average", "task_arithmetic", "regmean_plusplus", "slta"]
+    # strength at attn_mlp alone (`make demo`'s --strength-levels): the warm-up must not merge layer's auto_task
     run_demo(tiny_zoo, tmp_path / "one", "tiny", seeds=1, progress=False, zoo_kind="chat", methods=methods,
-             jobs=1, levels=["layer"], strength=("auto_task",))
+             jobs=1, levels=["layer", "attn_mlp"], strength=("auto_task",), strength_levels=["attn_mlp"])
     one = json.loads((tmp_path / "one" / "chat-seed0" / "report" / "results.json").read_text())
 
     def refuse(*args, **kwargs):
@@ -190,11 +191,14 @@ def test_one_zoo_on_two_processes_gives_the_in_order_results(tmp_path, tiny_zoo,
     for module, name in ((slta.merge, "run_merge"), (slta.merge, "run_solve"), (slta.evaluate, "evaluate")):
         monkeypatch.setattr(module, name, refuse)
     two = demo_one_zoo(tiny_zoo / "chat-seed0", tmp_path / "two", "tiny", "cpu", 1, False, set(methods),
-                       strength=("auto_task",), levels=("layer",), jobs=2)
+                       strength=("auto_task",), levels=("layer", "attn_mlp"), jobs=2, strength_levels=("attn_mlp",))
     for part in ("reference", "baselines", "slta"):
         assert two[part] == one[part], part
-    assert set(two["slta"]) == {"layer", "layer|auto_task"} and len(two["baselines"]) == 3
-    assert two["diagnostics"]["layer"]["summary"] == one["diagnostics"]["layer"]["summary"]
+    assert set(two["slta"]) == {"layer", "attn_mlp", "attn_mlp|auto_task"} and len(two["baselines"]) == 3
+    # attn_mlp's auto_task searches only, one per combination (layer's would make 8)
+    assert len(list((tmp_path / "two" / "cache").glob("search-*.json"))) == len(COMBOS) == 4
+    for level in ("layer", "attn_mlp"):
+        assert two["diagnostics"][level]["summary"] == one["diagnostics"][level]["summary"]
     # the workers' generation is counted: the same prompts as the one-process run
     assert two["timings_s"]["prompts_generated"] == one["timings_s"]["prompts_generated"] > 0
     assert not list((tmp_path / "two" / "cache").glob("*.tmp*"))
@@ -349,6 +353,47 @@ def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
     assert {"test", "val"} <= set(auto)
 
 
+def test_warm_up_plan_waits_only_where_a_result_is_needed():
+    """slta.demo.parallel.plan: a baseline's test run waits for its grid's validation runs, slta's merges wait
+    for task arithmetic's triple validation runs only when they are diagnosed (the diagnostics' λ), and
+    everything else is ready at once, auto_task at the strength levels only."""
+    from slta.demo import COMBOS, DATA_METHODS, baseline_grids
+    from slta.demo.parallel import plan
+
+    grids = baseline_grids("tiny", True)
+    chosen_calls = []
+
+    def chosen(method, combo, grid):
+        chosen_calls.append((method, combo))
+        return grid[-1], 0.5
+
+    for diagnose in (False, True):
+        demo = SimpleNamespace(size="tiny", extra_baselines=True, combos=COMBOS, levels=("layer", "attn_mlp"),
+                               strength_levels=("attn_mlp",), seeds=[0], diagnose=diagnose, ta_lambda=None,
+                               methods={"weight_average", "task_arithmetic", "regmean_plusplus", "slta"}, chosen=chosen,
+                               merge_config=lambda m, c, p: {"models": [{"data": "x"} if m in DATA_METHODS else {}]})
+        ready, later = plan(demo, ("auto_task",))
+        slta_units = [("slta", "layer", 0), ("slta", "attn_mlp", 0)]
+        assert [u for u in ready if u[0] == "auto_task"] == [("auto_task", "attn_mlp", c) for c in COMBOS]
+        assert all((u in ready) != diagnose for u in slta_units)
+        for w in later:
+            vals = {ready[k][1:3] for k in w.after}
+            assert len(vals) == 1 and all(ready[k][0] == "val" for k in w.after)
+            method, combo = vals.pop()
+            assert len(w.after) == len(grids[method]) > 1
+            made = w.make()
+            if made == slta_units:
+                assert diagnose and (method, combo) == ("task_arithmetic", COMBOS[-1])
+                assert demo.ta_lambda == grids["task_arithmetic"][-1]["weight"]
+            else:
+                assert made == [("test", method, combo, grids[method][-1])]
+        tests = {(w.make()[0][1], w.make()[0][2]) for w in later if w.make() != slta_units}
+        methods = ("weight_average", "task_arithmetic", "regmean_plusplus")
+        assert tests == {(m, c) for m in methods if len(grids[m]) > 1 for c in COMBOS} != set()
+        assert [u for u in ready if u[0] == "test"] == [("test", m, c, grids[m][0]) for m in methods
+                                                        if len(grids[m]) == 1 for c in COMBOS]
+
+
 def test_strength_options_pick_the_rows(monkeypatch):
     """`--strength auto_task` (or any subset of OPTIONS) runs only those rows, and the progress bar's
     total counts exactly the steps run; an unknown option is refused by name."""
@@ -358,23 +403,28 @@ def test_strength_options_pick_the_rows(monkeypatch):
     monkeypatch.setattr(strength, "slta_per_task", lambda demo, level, combo: calls.append(("per_task", level)) or {})
     monkeypatch.setattr(strength, "auto_task", lambda demo, level, combo: calls.append(("auto_task", level)) or {})
     monkeypatch.setattr(strength, "ta_per_task", lambda demo, combo: calls.append(("ta_per_task", None)) or {})
-    demo = SimpleNamespace(combos=[("math", "code"), ("math", "code", "translate")], levels=("layer", "attn_mlp"))
-    for options, want in [(("auto_task",), {"auto_task"}), (("per_task", "ta_per_task"), {"per_task", "ta_per_task"}),
-                          (True, set(strength.OPTIONS))]:
-        calls.clear()
-        bar = SimpleNamespace(n=0, set_postfix_str=lambda s: None)
-        bar.update = lambda: setattr(bar, "n", bar.n + 1)
-        ours, base = strength.run_strength(demo, bar, options)
-        assert {c[0] for c in calls} == want
-        assert bar.n == len(calls) == strength.n_strength_steps(2, demo.levels, strength.strength_options(options))
-        assert bool(base) == ("ta_per_task" in want)
-        rows = {"per_task": "per-task×scale", "auto_task": "auto_task"}
-        assert set(ours) == {f"{level}|{rows[o]}" for level in demo.levels for o in want if o in rows}
+    for levels in (("layer", "attn_mlp"), ("attn_mlp",)):  # --strength-levels: attn_mlp alone
+        demo = SimpleNamespace(combos=[("math", "code"), ("math", "code", "translate")], strength_levels=levels)
+        for options, want in [(("auto_task",), {"auto_task"}), (("per_task", "ta_per_task"), {"per_task", "ta_per_task"}),
+                              (True, set(strength.OPTIONS))]:
+            calls.clear()
+            bar = SimpleNamespace(n=0, set_postfix_str=lambda s: None)
+            bar.update = lambda: setattr(bar, "n", bar.n + 1)
+            ours, base = strength.run_strength(demo, bar, options)
+            assert {c[0] for c in calls} == want and {c[1] for c in calls} - {None} == set(levels)
+            assert bar.n == len(calls) == strength.n_strength_steps(2, levels, strength.strength_options(options))
+            assert bool(base) == ("ta_per_task" in want)
+            rows = {"per_task": "per-task×scale", "auto_task": "auto_task"}
+            assert set(ours) == {f"{level}|{rows[o]}" for level in levels for o in want if o in rows}
     with pytest.raises(ValueError, match="unknown --strength options: auto"):
         strength.strength_options(("auto",))
     proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--strength", "auto",
                            "--zoo", "/nonexistent-zoo"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown --strength options: auto" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "slta.cli", "demo", "--size", "tiny", "--strength", "auto_task",
+                           "--levels", "layer", "--strength-levels", "attn_mlp", "--zoo", "/nonexistent-zoo"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--strength-levels must be among layer" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cache_keys_of_response_readings_change_with_the_reading(monkeypatch):

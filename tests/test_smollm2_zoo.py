@@ -267,10 +267,16 @@ def test_tiny_zoo_builds_resumes_and_merges(tiny_gguf, tmp_path, monkeypatch):
     assert merged.config.tie_word_embeddings
 
 
-def test_fine_tunes_in_parallel_processes_are_the_sequential_bytes(tiny_gguf, tmp_path):
-    """`jobs=3` trains the three fine-tunes in spawned processes at once: the same files as one after another."""
+def test_fine_tunes_in_parallel_processes_are_the_sequential_bytes(tiny_gguf, tmp_path, monkeypatch):
+    """`jobs=3` trains the three fine-tunes in spawned processes at once: the same files as one after another.
+    On one core (as if: more fine-tunes than cores), each runs at the nice level its cost asks for."""
+    import slta.zoo.smollm2 as smollm2
+
     path, _, _ = tiny_gguf
     one = build_zoo(tmp_path / "one" / "smollm2-seed0", size="tiny", kind="smollm2", base_gguf=path, progress=False)
+    monkeypatch.setattr(smollm2.os, "cpu_count", lambda: 1)
+    asked, real = {}, smollm2.niceness
+    monkeypatch.setattr(smollm2, "niceness", lambda cost, slots: asked.update(real(cost, slots)) or asked)
     three = build_zoo(tmp_path / "three" / "smollm2-seed0", size="tiny", kind="smollm2", base_gguf=path,
                       progress=False, jobs=3)
     meta1, meta3 = (json.loads((z / "zoo.json").read_text()) for z in (one, three))
@@ -278,6 +284,20 @@ def test_fine_tunes_in_parallel_processes_are_the_sequential_bytes(tiny_gguf, tm
         assert (one / task / "model.safetensors").read_bytes() == (three / task / "model.safetensors").read_bytes()
         assert meta1["fine_tunes"][task]["loss_curve"] == meta3["fine_tunes"][task]["loss_curve"]
         assert meta3["timings_s"][task] > 0
+        assert meta1["fine_tunes"][task]["nice"] == 0
+        assert meta3["fine_tunes"][task]["nice"] == asked[task]  # the worker's niceness really went up by that
+    assert max(asked.values()) > 0 and min(asked.values()) == 0
+
+
+def test_niceness_gives_each_fine_tune_a_share_in_proportion_to_its_cost():
+    """Linux weighs nice n about 1.25^-n: the costliest fine-tune stays at 0, the others go up by the log of the
+    cost ratio; with a core per fine-tune nothing is niced."""
+    from slta.zoo.smollm2 import niceness
+
+    got = niceness({"math": 253096, "code": 183688, "translate": 138960}, 2)  # zoo seed 0's padded tokens
+    assert got == {"math": 0, "code": 1, "translate": 3}
+    assert niceness({"math": 3.0, "code": 2.0, "translate": 1.0}, 3) == {"math": 0, "code": 0, "translate": 0}
+    assert niceness({"a": 1.0, "b": 1.0, "c": 1.0}, 2) == {"a": 0, "b": 0, "c": 0}
 
 
 def test_tiny_smollm2_demo(tiny_gguf, tmp_path):

@@ -37,6 +37,7 @@ from slta.demo.table import (
     table_rows,
     write_summary,
 )
+from slta.demo.variants import variant_levels
 from slta.demo.zoos import KINDS, SYNTHETIC, build_zoos, generation_budget, in_processes, job_count, kind_size
 from slta.engine.tokens import TOKENS_READING
 
@@ -51,6 +52,7 @@ class Demo:
                  levels: tuple[str, ...] = LEVELS):
         self.zoo, self.out, self.size, self.device, self.progress = zoo, out, size, device, progress
         self.levels = levels  # slta's granularities (the paper's four by default)
+        self.strength_levels = variant_levels(levels)  # where --strength runs (--strength-levels)
         self.variants = variants
         # RegMean++ runs with --variants, or when --methods names it (never silently skipped)
         self.extra_baselines = variants or (methods is not None and "regmean_plusplus" in methods)
@@ -232,7 +234,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
              triple_only: bool = False, jobs: int | None = None, ablations: bool = False,
              variants: bool = False, base_gguf: str | Path | None = None,
              strength: bool | tuple[str, ...] = False, levels: list[str] | tuple[str, ...] | None = None,
-             diagnostics: bool = True) -> dict[str, Any]:
+             diagnostics: bool = True, strength_levels: list[str] | tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the demo on every zoo kind and zoo seed; returns the study and writes OUT/report.
 
     ``zoo`` is the folder holding the zoos (``hard-seed0/``, ``chat-seed0/``, ...; default
@@ -244,7 +246,8 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     methods (baseline names and/or ``slta``), e.g. to calibrate a zoo on baselines only.
     ``zoo_overrides`` changes zoo recipe keys (e.g. the chat kind's ``chat_lr``), for every kind
     that has them. ``levels``: slta's granularities (default the paper's four, LEVELS). ``diagnostics``:
-    `slta diagnose` the layer and attn_mlp merges (slta.demo.studies).
+    `slta diagnose` the layer and attn_mlp merges (slta.demo.studies). ``strength_levels``: where
+    ``strength`` runs (default: layer and attn_mlp among ``levels``).
 
     ``threads`` sets torch's CPU threads. The default is 1: the zoo's models are so small that
     a second thread gains little, and on a 2-core machine that another process also uses, an
@@ -267,6 +270,10 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     if not set(levels) <= set(LEVELS):
         raise ValueError(f"unknown levels: {', '.join(sorted(set(levels) - set(LEVELS)))}; known: {', '.join(LEVELS)}")
     strength_options(strength)  # an unknown option fails here, not after the zoos are built
+    strength_levels = tuple(variant_levels(levels) if strength_levels is None else strength_levels)
+    if not set(strength_levels) <= set(variant_levels(levels)):
+        raise ValueError(f"--strength-levels must be among {', '.join(variant_levels(levels))} (layer and attn_mlp "
+                         f"among --levels), got {', '.join(strength_levels)}")
     known = set(baseline_grids(size, True)) | {"slta"}
     if methods is not None and not set(methods) <= known:
         raise ValueError(f"unknown methods: {', '.join(sorted(set(methods) - known))}; known: {', '.join(sorted(known))}")
@@ -293,7 +300,7 @@ def run_demo(zoo: str | Path | None = None, out: str | Path | None = None, size:
     done = dict(zip(todo, in_processes(_one_zoo, [(
         zoos[(k, zs)][0], out / f"{k}-seed{zs}", kind_size(k, size), device, seeds, progress and n_jobs == 1,
         set(methods) if methods is not None else None, triple_only, ablations, variants, strength, levels, diagnostics,
-        study_jobs(jobs, threads, n_jobs), threads)
+        study_jobs(jobs, threads, n_jobs), strength_levels, threads)
         for k, zs in todo],
         n_jobs)))
     for kind in kinds:
@@ -342,13 +349,14 @@ def _one_zoo(*args: Any) -> dict[str, Any]:
 def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progress: bool,
                  methods: set[str] | None, triple_only: bool = False, ablations: bool = False,
                  variants: bool = False, strength: bool | tuple[str, ...] = False, levels: tuple[str, ...] = LEVELS,
-                 diagnostics: bool = True, jobs: int = 1) -> dict[str, Any]:
+                 diagnostics: bool = True, jobs: int = 1,
+                 strength_levels: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Evaluate, merge every way, and write the one-zoo report in OUT/report; returns its results.
     `ablations`: also the calibration-sample-count study (slta.demo.studies, paper Table 11) and, on a
     chat zoo, the number of models merged (slta.demo.models, paper Table 10).
     `variants`: also slta's options beyond the paper and RegMean++ (slta.demo.variants).
     `strength`: also a factor per task on slta's α and task arithmetic's λ (slta.demo.strength): True for
-    every option there, or a tuple of its OPTIONS.
+    every option there, or a tuple of its OPTIONS, at `strength_levels` (default: layer and attn_mlp among `levels`).
     `jobs` > 1: the independent merges and evaluations first run in that many processes (slta.demo.parallel)."""
     from torch import get_num_threads
 
@@ -361,12 +369,14 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     started = time.perf_counter()
     demo = Demo(zoo, out, size, device, seeds, progress, methods, triple_only, variants, levels)
     demo.diagnose = diagnostics
+    if strength_levels is not None:
+        demo.strength_levels = tuple(strength_levels)
     grids = {m: g for m, g in baseline_grids(size, demo.extra_baselines).items() if methods is None or m in methods}
     n_slta = len(demo.levels) * len(demo.seeds) if methods is None or "slta" in methods else 0
     n_slta += n_variant_steps(len(demo.combos), demo.levels) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta
     strength = strength_options(strength)
-    steps += n_strength_steps(len(demo.combos), demo.levels, strength) if strength else 0
+    steps += n_strength_steps(len(demo.combos), demo.strength_levels, strength) if strength else 0
     warm = time.perf_counter()
     if jobs > 1:
         warm_up(demo, (zoo, out, size, device, seeds, False, methods, triple_only, variants, levels), strength, jobs,

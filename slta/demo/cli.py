@@ -44,6 +44,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="also a factor per task: on slta's α (per_task) and task arithmetic's λ (ta_per_task), "
                         "chosen on validation, and slta's training-free scale: auto_task (slta.demo.strength); "
                         "all three, or those named, e.g. --strength auto_task")
+    p.add_argument("--strength-levels", type=lambda s: [x for x in s.split(",") if x], metavar="LEVELS",
+                   help="the levels --strength runs at (default: layer and attn_mlp among --levels), e.g. attn_mlp "
+                        "alone: `make demo`'s training-free row, an `auto_task` merge being about 4x slta's")
     p.add_argument("--levels", type=lambda s: [x for x in s.split(",") if x],
                    help=f"slta's granularities, comma-separated (default all: {','.join(LEVELS)}); "
                         "--variants and --strength run at layer and attn_mlp among them")
@@ -56,7 +59,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: run_demo(a.zoo, a.out, a.size, a.device, a.seeds, not a.quiet, a.threads,
                                            a.zoo_seeds, a.zoo_kind, a.methods, dict(a.zoo_set) or None,
                                            a.triple_only, a.jobs, a.ablations, a.variants, a.base_gguf,
-                                           a.strength, a.levels, not a.no_diagnostics))
+                                           a.strength, a.levels, not a.no_diagnostics, a.strength_levels))
 
 
 def _override(s: str) -> tuple[str, Any]:

@@ -1,16 +1,19 @@
 """One zoo's study on spare cores: its independent merges and evaluations in several processes.
 
 The study (slta.demo.demo_one_zoo) runs in order and caches every evaluation by a hash of what produced
-it. When one zoo has the machine to itself, a warm-up runs first: the study's independent units in
-`jobs` spawned processes of one thread each, every unit writing the cache that the in-order pass then
-reads. The units are the same calls with the same keys, so the results are the ones the in-order pass
-computes alone; only the wall time changes. Two waves, because some units depend on others' results:
+it. When one zoo has the machine to itself, a warm-up runs first: the study's units in `jobs` spawned
+processes of one thread each, every unit writing the cache that the in-order pass then reads. The units
+are the same calls with the same keys, so the results are the ones the in-order pass computes alone; only
+the wall time changes. Some units wait for others' results:
 
-1. the base's and the fine-tunes' evaluations, every baseline grid point on the validation split, the
-   baselines with nothing to choose, and the `auto_task` merges (`--strength auto_task`);
-2. the chosen baselines on the test split, and slta's merges (their diagnostics need task arithmetic's
-   validated λ from wave 1).
+- ready at once: the base's and the fine-tunes' evaluations, every baseline grid point on the validation
+  split, the baselines with nothing to choose, the `auto_task` merges (`--strength auto_task`), and
+  slta's merges when there are no diagnostics;
+- a baseline's test run waits for its grid's validation runs (it needs the chosen point), and slta's
+  merges wait for task arithmetic's on the triple when they are diagnosed (the diagnostics' λ).
 
+A free process takes the ready unit with the longest chain ahead of it (its cost plus what waits for it),
+so that no process idles at the end while the other finishes a long unit that could have started earlier.
 The validation sweeps of `--strength per_task` / `ta_per_task`, `--variants` and `--ablations` stay in
 the in-order pass: each step there depends on the one before. Why processes and not threads: greedy
 decoding of SmolLM2 measured 1.95x one process's throughput with two one-thread processes, 1.58x with
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -31,30 +35,50 @@ from slta.demo.table import COMBOS, TASKS
 Unit = tuple  # ("ref", name) | ("val" | "test", method, combo, params) | ("slta", level, seed) | ("auto_task", level, combo)
 
 
-def waves(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], Any]:
-    """(wave 1's units, a function of the demo giving wave 2's units once wave 1 is cached)."""
+@dataclass
+class Later:
+    """Units that wait: `make()` gives them once every unit numbered in `after` is done; `size` is what they
+    cost (for the bar and the priorities, before they exist)."""
+    after: set[int]
+    make: Callable[[], list[Unit]]
+    size: float
+
+
+def plan(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], list[Later]]:
+    """(the units ready at once, the units that wait, each Later's `after` numbering the first list)."""
     grids = {m: g for m, g in baseline_grids(demo.size, demo.extra_baselines).items()
              if demo.methods is None or m in demo.methods}
     with_slta = demo.methods is None or "slta" in demo.methods
-    first: list[Unit] = []
-    if "auto_task" in strength and with_slta:  # the longest units first: the two processes finish together
-        from slta.demo.variants import variant_levels
-        first += [("auto_task", level, combo) for combo in demo.combos for level in variant_levels(demo.levels)]
-    first += [("ref", name) for name in ("base", *TASKS)]
+    ready: list[Unit] = []
+    if "auto_task" in strength and with_slta:
+        ready += [("auto_task", level, combo) for combo in demo.combos for level in demo.strength_levels]
+    ready += [("ref", name) for name in ("base", *TASKS)]
+    later: list[Later] = []
+    vals: dict[tuple[str, tuple[str, ...]], set[int]] = {}
     for method, grid in grids.items():
         for combo in demo.combos:
-            first += [("val", method, combo, p) for p in grid] if len(grid) > 1 else [("test", method, combo, grid[0])]
-
-    def second(demo: Any, choose: bool = True) -> list[Unit]:
-        """Wave 2; `choose=False`: the same units with their grid points left open (to size the progress bar)."""
-        units: list[Unit] = [("slta", level, seed) for level in demo.levels for seed in demo.seeds] if with_slta else []
-        for method, grid in grids.items():
-            if len(grid) > 1:
-                units += [("test", method, combo, demo.chosen(method, combo, grid)[0] if choose else None)
-                          for combo in demo.combos]
-        return units
-
-    return first, second
+            if len(grid) == 1:
+                ready.append(("test", method, combo, grid[0]))
+                continue
+            first = len(ready)
+            ready += [("val", method, combo, params) for params in grid]
+            vals[method, combo] = set(range(first, len(ready)))
+            later.append(Later(vals[method, combo], lambda m=method, c=combo, g=grid: [("test", m, c, demo.chosen(m, c, g)[0])],
+                               cost(demo, ("test", method, combo, None))))
+    slta_units = [("slta", level, seed) for level in demo.levels for seed in demo.seeds] if with_slta else []
+    diagnosed = ("task_arithmetic", COMBOS[-1])
+    if not (demo.diagnose and "task_arithmetic" in grids and COMBOS[-1] in demo.combos):
+        ready += slta_units  # no λ to wait for (slta.demo.studies.validated_lambda gives None)
+    elif diagnosed not in vals:  # nothing to choose: the grid's one λ
+        demo.ta_lambda = grids["task_arithmetic"][0].get("weight")
+        ready += slta_units
+    else:
+        def with_lambda() -> list[Unit]:
+            # the diagnostics' λ (slta.demo.studies.validated_lambda), from the cached validation runs
+            demo.ta_lambda = demo.chosen(*diagnosed, grids["task_arithmetic"])[0].get("weight")
+            return slta_units
+        later.append(Later(vals[diagnosed], with_lambda, sum(cost(demo, u) for u in slta_units)))
+    return ready, later
 
 
 def run_unit(make_demo: Any, demo_args: tuple, ta_lambda: float | None, diagnose: bool, unit: Unit) -> dict[str, float]:
@@ -104,35 +128,40 @@ def describe(unit: Unit) -> str:
 
 
 def warm_up(demo: Any, demo_args: tuple, strength: tuple[str, ...], jobs: int, progress: bool) -> None:
-    """Fill `demo`'s cache with the study's independent units, `jobs` processes at a time (module docstring).
+    """Fill `demo`'s cache with the study's units, `jobs` processes at a time (module docstring).
     Adds the workers' generation time and prompts to demo.generation."""
-    first, second = waves(demo, strength)
-    total = sum(cost(demo, u) for u in first + second(demo, choose=False))
+    ready, later = plan(demo, strength)
+    # a unit's priority: its cost plus the most that waits for it (the longest chain it starts)
+    chain = {k: cost(demo, u) + max((w.size for w in later if k in w.after), default=0.0) for k, u in enumerate(ready)}
+    queue = list(range(len(ready)))
+    units = list(ready)
+    done: set[int] = set()
+    total = sum(cost(demo, u) for u in ready) + sum(w.size for w in later)
     # spawn, not fork: a forked child would inherit torch's thread pools and the parent's state
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
             tqdm(total=total, desc=f"slta demo {demo.zoo.name}, {jobs} processes", disable=not progress,
                  bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}") as bar:
-        for wave in (1, 2):
-            if wave == 2:
-                if COMBOS[-1] in demo.combos and (demo.methods is None or "task_arithmetic" in demo.methods):
-                    # the diagnostics' λ (slta.demo.studies.validated_lambda), from wave 1's cached validation runs
-                    grid = baseline_grids(demo.size)["task_arithmetic"]
-                    demo.ta_lambda = demo.chosen("task_arithmetic", COMBOS[-1], grid)[0].get("weight")
-                units = second(demo)
-            else:
-                units = first
-            running = {pool.submit(run_unit, type(demo), demo_args, demo.ta_lambda, demo.diagnose, u): u for u in units}
-            bar.set_postfix_str("running: " + "; ".join(describe(u) for u in units[:jobs]))
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for f in done:
-                    unit = running.pop(f)
-                    gen = f.result()  # a failed unit fails the study, naming itself in the traceback
-                    demo.generation["seconds"] += gen["seconds"]
-                    demo.generation["prompts"] += gen["prompts"]
-                    bar.update(cost(demo, unit))
-                if running:
-                    bar.set_postfix_str("running: " + "; ".join(describe(u) for u in list(running.values())[:jobs]))
+        running: dict[Any, int] = {}
+        while queue or running:
+            queue.sort(key=lambda k: -chain[k])
+            while queue and len(running) < jobs:
+                k = queue.pop(0)
+                running[pool.submit(run_unit, type(demo), demo_args, demo.ta_lambda, demo.diagnose, units[k])] = k
+            bar.set_postfix_str("running: " + "; ".join(describe(units[k]) for k in running.values()))
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in finished:
+                k = running.pop(f)
+                gen = f.result()  # a failed unit fails the study, naming itself in the traceback
+                demo.generation["seconds"] += gen["seconds"]
+                demo.generation["prompts"] += gen["prompts"]
+                done.add(k)
+                bar.update(cost(demo, units[k]))
+            for w in [w for w in later if w.after <= done]:
+                later.remove(w)
+                for u in w.make():
+                    chain[len(units)] = cost(demo, u)
+                    queue.append(len(units))
+                    units.append(u)
 
 
 def study_jobs(jobs: int | None, threads: int, zoos_at_once: int, cores: int | None = None) -> int:
@@ -145,4 +174,4 @@ def study_jobs(jobs: int | None, threads: int, zoos_at_once: int, cores: int | N
     return max(1, (jobs or cores or os.cpu_count() or 1) // max(1, zoos_at_once))
 
 
-__all__ = ["run_unit", "study_jobs", "warm_up", "waves"]
+__all__ = ["plan", "run_unit", "study_jobs", "warm_up"]

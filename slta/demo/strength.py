@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from slta.demo.table import COMBOS
-from slta.demo.variants import SCALES, SEP, variant_levels
+from slta.demo.variants import SCALES, SEP
 
 RELATIVE = (0.6, 0.8, 1.25, 1.5, 2.0)  # a task's factor relative to the global strength (1.0 is the start)
 TA_PER_TASK = "task_arithmetic_per_task"
@@ -50,8 +50,9 @@ def strength_options(strength: bool | tuple[str, ...] | list[str]) -> tuple[str,
 
 
 def n_strength_steps(n_combos: int, levels: tuple[str, ...], options: tuple[str, ...] = OPTIONS) -> int:
+    """Progress-bar steps; `levels`: the levels strength runs at (Demo.strength_levels)."""
     per_level = sum(o in options for o in ("per_task", "auto_task"))
-    return (per_level * len(variant_levels(levels)) + ("ta_per_task" in options)) * n_combos
+    return (per_level * len(levels) + ("ta_per_task" in options)) * n_combos
 
 
 def sweep(val_of: Callable[[list[float]], dict[str, float]], start: float, T: int) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def run_strength(demo, bar, options: tuple[str, ...] = OPTIONS) -> tuple[dict[st
     base: dict[str, Any] = {}
     for combo in demo.combos:
         name = "+".join(combo)
-        for level in variant_levels(demo.levels):
+        for level in demo.strength_levels:
             if "per_task" in options:
                 bar.set_postfix_str(f"slta {level} per-task scale {name}")
                 ours.setdefault(f"{level}{SEP}per-task×scale", {})[name] = [slta_per_task(demo, level, combo)]

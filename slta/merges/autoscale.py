@@ -18,8 +18,9 @@ averaged per task and then over tasks (each task counts alike, as in Eq. 33-34).
 
 How. A second walk over the model after the solve (`ScaleSearch`, an engine client): the merged model's
 forward pass for every candidate s at once, one layer in memory (each candidate's hidden states are kept,
-|S| copies of the calibration activations), then the final norm and lm_head in vocabulary row blocks
-with a running log-sum-exp, so the full logits never exist. A third walk writes the merge with s* α.
+|S| copies of the calibration activations), then the final norm and lm_head at the scored positions only,
+in vocabulary row blocks with a running log-sum-exp, so the full logits never exist. A third walk writes
+the merge with s* α.
 
 `scale: auto_task` (issue #28): one factor per task instead, each the smallest that brings the merge's loss
 on that task's calibration responses within `scale_margin` of the fine-tune's own loss there (tasks need
@@ -110,18 +111,18 @@ class ScaleSearch(Client):
         norm_mod = runner.model.model.norm
         vocab = ins.base.shapes[weight][0]
         batches = self.stream.batches
-        xs = []  # [candidate][batch]: the final norm (merged with that candidate's α) of the hidden state
+        # only the positions whose next token is a response token are scored: the norm and the 49152-row head
+        # run there alone (on SmolLM2's chat samples about a quarter of the tokens; the prompt and system turn
+        # are context, read by the layers above, never predicted)
+        targets = [self._targets(b) for b in batches]
+        nxt = [torch.cat([b.ids[:, 1:], torch.zeros_like(b.ids[:, :1])], 1)[m] for b, m in zip(batches, targets)]
+        xs = []  # [candidate][batch]: the final norm (merged with that candidate's α) at the scored positions
         for j, al in enumerate(self.alphas):
             norm = combine("model.norm.weight", norm_versions[0], norm_versions[1:], parts["model.norm.weight"], al)
-            xs.append([functional_call(norm_mod, {"weight": norm.to(dev, dt)}, (self.hs[id(b)][j],))
-                       if self.runs(j, b) else None for b in batches])
-        nxt = []  # position p predicts token p+1
-        for b in batches:
-            n = torch.zeros_like(b.ids)
-            n[:, :-1] = b.ids[:, 1:]
-            nxt.append(n)
-        lse = [[torch.full(b.ids.shape, -torch.inf, device=dev, dtype=torch.float64) for b in batches] for _ in xs]
-        picked = [[torch.zeros(b.ids.shape, device=dev, dtype=torch.float64) for b in batches] for _ in xs]
+            xs.append([functional_call(norm_mod, {"weight": norm.to(dev, dt)}, (self.hs[id(b)][j][m],))
+                       if self.runs(j, b) else None for b, m in zip(batches, targets)])
+        lse = [[torch.full(n.shape, -torch.inf, device=dev, dtype=torch.float64) for n in nxt] for _ in xs]
+        picked = [[torch.zeros(n.shape, device=dev, dtype=torch.float64) for n in nxt] for _ in xs]
         for lo in range(0, vocab, ROW_BLOCK):  # each block read once, merged once per scale
             hi = min(vocab, lo + ROW_BLOCK)
             blocks = [ck.get_rows(weight, lo, hi) for ck in ins.all]
@@ -130,11 +131,11 @@ class ScaleSearch(Client):
                 for k, x in enumerate(xs[j]):
                     if x is None:  # a candidate that does not run on this batch's task
                         continue
-                    # logits stay in the compute dtype (one block: tokens x ROW_BLOCK); the running sums are float64
-                    logits = x @ w.T  # (b, s, rows)
+                    # logits stay in the compute dtype (one block: positions x ROW_BLOCK); the running sums are float64
+                    logits = x @ w.T  # (positions, rows)
                     lse[j][k] = torch.logaddexp(lse[j][k], logits.logsumexp(-1).double())
                     inside = (nxt[k] >= lo) & (nxt[k] < hi)
-                    got = logits.gather(-1, (nxt[k] - lo).clamp(0, hi - lo - 1)[..., None])[..., 0]
+                    got = logits.gather(-1, (nxt[k] - lo).clamp(0, hi - lo - 1)[:, None])[:, 0]
                     picked[j][k] += torch.where(inside, got.double(), 0.0)
             del blocks  # before the next block is read
         for j in range(len(self.alphas)):
@@ -142,14 +143,19 @@ class ScaleSearch(Client):
                 if xs[j][k] is not None:
                     self._add(j, b, lse[j][k] - picked[j][k])
 
-    def _add(self, j: int, b: Batch, nll: torch.Tensor) -> None:
-        """Sum -log p over the positions whose *next* token is a response token."""
+    @staticmethod
+    def _targets(b: Batch) -> torch.Tensor:
+        """(b, s) bool: the positions whose *next* token is a response token (position p predicts p+1)."""
         target = torch.zeros_like(b.valid)
         target[:, :-1] = b.counted[:, 1:] & b.valid[:, 1:]
-        self.loss[j, b.task] += float(nll[target].sum())
+        return target
+
+    def _add(self, j: int, b: Batch, nll: torch.Tensor) -> None:
+        """Sum -log p over the scored positions (`_targets`)."""
+        self.loss[j, b.task] += float(nll.sum())
         if id(b) not in self.counted:
             self.counted.add(id(b))
-            self.count[b.task] += int(target.sum())
+            self.count[b.task] += int(nll.numel())
 
     def per_task(self) -> np.ndarray:
         """(candidates, T): the mean -log p per response token (0 where a candidate did not run)."""
