@@ -371,7 +371,9 @@ def test_warm_up_plan_waits_only_where_a_result_is_needed():
         demo = SimpleNamespace(size="tiny", extra_baselines=True, combos=COMBOS, levels=("layer", "attn_mlp"),
                                strength_levels=("attn_mlp",), seeds=[0], diagnose=diagnose, ta_lambda=None,
                                methods={"weight_average", "task_arithmetic", "regmean_plusplus", "slta"}, chosen=chosen,
-                               merge_config=lambda m, c, p: {"models": [{"data": "x"} if m in DATA_METHODS else {}]})
+                               merge_config=lambda m, c, p: {"models": [{"data": "x"} if m in DATA_METHODS else {}]},
+                               grids=lambda: {m: g for m, g in grids.items()
+                                              if m in ("weight_average", "task_arithmetic", "regmean_plusplus")})
         ready, later = plan(demo, ("auto_task",))
         slta_units = [("slta", "layer", 0), ("slta", "attn_mlp", 0)]
         assert [u for u in ready if u[0] == "auto_task"] == [("auto_task", "attn_mlp", c) for c in COMBOS]

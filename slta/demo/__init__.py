@@ -133,12 +133,16 @@ class Demo:
         """The base or one fine-tune (`name`) on every task's test split."""
         return self.evaluate(self.zoo / name, TASKS, "test", self.key({"model": name}))
 
+    def grids(self) -> dict[str, list[dict[str, Any]]]:
+        """The baselines this demo runs (--methods picks among them), each with its grid."""
+        return {m: g for m, g in baseline_grids(self.size, self.extra_baselines).items()
+                if self.methods is None or m in self.methods}
+
     def baselines(self, bar) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
-        for method, grid in baseline_grids(self.size, self.extra_baselines).items():
-            if self.methods is None or method in self.methods:
-                for combo in self.combos:
-                    results.setdefault(method, {})["+".join(combo)] = self.tuned(method, combo, grid, bar)
+        for method, grid in self.grids().items():
+            for combo in self.combos:
+                results.setdefault(method, {})["+".join(combo)] = self.tuned(method, combo, grid, bar)
         return results
 
     def method_config(self, method: str, tasks: tuple[str, ...], params: dict[str, Any]) -> dict[str, Any]:
@@ -371,7 +375,7 @@ def demo_one_zoo(zoo: Path, out: Path, size: str, device: str, seeds: int, progr
     demo.diagnose = diagnostics
     if strength_levels is not None:
         demo.strength_levels = tuple(strength_levels)
-    grids = {m: g for m, g in baseline_grids(size, demo.extra_baselines).items() if methods is None or m in methods}
+    grids = demo.grids()
     n_slta = len(demo.levels) * len(demo.seeds) if methods is None or "slta" in methods else 0
     n_slta += n_variant_steps(len(demo.combos), demo.levels) if variants and (methods is None or "slta" in methods) else 0
     steps = len(TASKS) + 1 + sum(len(g) * len(demo.combos) for g in grids.values()) + n_slta

@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from slta.demo.grids import baseline_grids
 from slta.demo.table import COMBOS, TASKS
 
 Unit = tuple  # ("ref", name) | ("val" | "test", method, combo, params) | ("slta", level, seed) | ("auto_task", level, combo)
@@ -46,8 +45,7 @@ class Later:
 
 def plan(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], list[Later]]:
     """(the units ready at once, the units that wait, each Later's `after` numbering the first list)."""
-    grids = {m: g for m, g in baseline_grids(demo.size, demo.extra_baselines).items()
-             if demo.methods is None or m in demo.methods}
+    grids = demo.grids()
     with_slta = demo.methods is None or "slta" in demo.methods
     ready: list[Unit] = []
     if "auto_task" in strength and with_slta:
