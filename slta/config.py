@@ -110,7 +110,7 @@ class MergeConfig(BaseModel):
 
     def model_path(self, p: str) -> Path:
         """A model folder: a local path, or a hub id org/name[@revision] fetched into the HF cache."""
-        from slta.io.hub import HubError, resolve_model_path
+        from slta.hub import HubError, resolve_model_path
 
         self.path(p)  # the same errors for a bad local path
         try:
@@ -234,13 +234,6 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
         raise ConfigError(f"{where}: 'models' is empty; list at least one fine-tuned model")
     if m.needs_base and not cfg.base_model:
         raise ConfigError(f"{where}: merge_method {m.name!r} needs base_model")
-    if not cfg.base_model:  # an adapter is a delta: it needs the model it applies to
-        from slta.io.adapter import is_adapter
-
-        for i, e in enumerate(cfg.models):
-            if is_adapter(cfg.path(e.model)):
-                raise ConfigError(f"{where}: models[{i}] ({e.model}) is a PEFT adapter: set base_model to the "
-                                  f"model it was trained on")
     if m.tensor_fn is not None:  # data-free: mergekit's parameter rules (scalars, gradients, filters)
         from slta.methods.params import validate_params
 
@@ -262,10 +255,9 @@ def _validate_method(cfg: MergeConfig, where: str) -> None:
             raise ConfigError(f"{where}: models[{i}] ({entry.model}): data: {entry.data} is a folder; "
                               f"it must name a JSONL file (one sample per line)")
     if m.name == "slta":
-        from slta.io.architecture import GRANULARITIES
         g = cfg.param("granularity")
-        if g not in GRANULARITIES:
-            raise ConfigError(f"{where}: parameters.granularity: {g!r} is not one of {', '.join(GRANULARITIES)}")
+        if g not in methods.GRANULARITIES:
+            raise ConfigError(f"{where}: parameters.granularity: {g!r} is not one of {', '.join(methods.GRANULARITIES)}")
         for key in ("num_samples", "max_length", "batch_size", "batch_tokens"):
             v = cfg.param(key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -103,7 +103,7 @@ def local_model_folder(model: str | Path) -> Path:
         return p
     if p.exists():
         raise ValueError(f"model {p} is a file; give the Hugging Face model folder that holds it")
-    from slta.io.hub import parse_hub_id  # the one definition of a hub id, org/name[@revision]
+    from slta.hub import parse_hub_id  # the one definition of a hub id, org/name[@revision]
 
     parsed = parse_hub_id(str(model))
     if parsed:
@@ -118,8 +118,8 @@ def local_model_folder(model: str | Path) -> Path:
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A model folder, or a hub id org/name[@revision] (see slta.io.hub), with its tokenizer."""
-    from slta.io.hub import resolve_model_path
+    """A model folder, or a hub id org/name[@revision] (see slta.hub), with its tokenizer."""
+    from slta.hub import resolve_model_path
 
     model_dir = local_model_folder(resolve_model_path(model_dir))
     tok = AutoTokenizer.from_pretrained(model_dir)

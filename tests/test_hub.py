@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from slta.io.hub import HubError, parse_hub_id, resolve_model_path
+from slta.hub import HubError, parse_hub_id, resolve_model_path
 from tiny import make_data, make_family
 
 ROOT = Path(__file__).resolve().parents[1]

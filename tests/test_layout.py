@@ -28,9 +28,10 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
     {"face": ("slta",)},
     # the formulas: data-free merge methods, their parameters and registry; the closed form's solver
     {"methods": ("slta.methods",), "solver": ("slta.solve",)},
-    # models in and out; the config beside them: it resolves hub ids and recognises adapters, and the
-    # inputs open what it names, so the two import each other (without a module cycle)
-    {"io": ("slta.io", "slta.config")},
+    # the config (parsed and checked, hub ids resolved to folders); it opens no model
+    {"config": ("slta.config", "slta.hub")},
+    # models in and out: what a config names, opened lazily and cross-checked; the output folder
+    {"io": ("slta.io",)},
     # the streaming walk and what its data-driven clients share (calibration, tokens, features)
     {"engine": ("slta.engine",)},
     # the merges: every method as an engine client, writing α, the statistics file, the dry run
@@ -172,7 +173,7 @@ def test_the_layer_check_finds_an_upward_import(tmp_path):
     and the same tree without them passes."""
     files = {
         "__init__.py": "",
-        "config.py": "from slta.io import checkpoint\n",
+        "config.py": "from slta import hub\n", "hub.py": "",
         "io/__init__.py": "", "io/checkpoint.py": "", "io/inputs.py": "import slta.config\n",
         "engine/__init__.py": "",
         "engine/walk.py": "from slta.io.checkpoint import x\n\ndef f():\n    from slta.merges.write import y\n",
@@ -187,9 +188,9 @@ def test_the_layer_check_finds_an_upward_import(tmp_path):
         (tmp_path / "slta" / rel).write_text(text)
     bad = upward_imports(graph(tmp_path / "slta"))
     assert bad == [
-        "slta.engine.walk (engine, layer 3) imports slta.merges.write (merges, layer 4): a higher layer",
-        "slta.merges.closed_form (merges, layer 4) imports slta.demo.table (demo, layer 7): a higher layer",
-        "slta.zoo.build (zoo, layer 6) imports slta.merge (merge, layer 6): a sibling in its own layer",
+        "slta.engine.walk (engine, layer 4) imports slta.merges.write (merges, layer 5): a higher layer",
+        "slta.merges.closed_form (merges, layer 5) imports slta.demo.table (demo, layer 8): a higher layer",
+        "slta.zoo.build (zoo, layer 7) imports slta.merge (merge, layer 7): a sibling in its own layer",
     ], bad
     assert find_cycle(graph(tmp_path / "slta")) is None  # no cycle: only the layers catch these
     # the same tree with the three imports taken out passes

@@ -1,4 +1,4 @@
-"""Models in and out: hub ids, checkpoints and LoRA adapters read lazily, the model's architecture and
+"""Models in and out: checkpoints and LoRA adapters read lazily, the model's architecture and
 module cut, the checked inputs of a merge; the output folder, its model card and the resume journal.
 
 Below the engine: nothing here imports slta.engine, slta.merges, slta.analysis or the demo

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from slta.methods import GRANULARITIES  # the levels this module cuts (declared with slta's parameters)
+
 if TYPE_CHECKING:  # transformers takes ~1.8 s to import and configure: data-free merges never need it
     from transformers import PretrainedConfig
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-GRANULARITIES = ("model", "layer", "attn_mlp", "head_mlp", "linear")
 
 # Config keys that must agree between the base and every fine-tune.
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -90,6 +90,11 @@ def output_bytes(ins: Inputs, plan: Plan) -> int:
 def open_inputs(cfg: MergeConfig, check_weights: bool = True) -> Inputs:
     """Open and cross-check every checkpoint before any heavy work (`check_weights=False`: headers
     only, no weight read: the fine-tunes' distances from the base are not checked)."""
+    if not cfg.base_model:  # an adapter is a delta: it needs the model it applies to
+        for i, e in enumerate(cfg.models):
+            if is_adapter(cfg.path(e.model)):
+                raise ConfigError(f"models[{i}] ({e.model}) is a PEFT adapter: set base_model to the model it was "
+                                  f"trained on")
     base_path = cfg.model_path(cfg.base_model) if cfg.base_model else cfg.model_path(cfg.models[0].model)
     base_label = f"base_model {cfg.base_model}" if cfg.base_model else f"model {cfg.models[0].model}"
     if cfg.trust_remote_code:

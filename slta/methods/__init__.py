@@ -80,6 +80,10 @@ def names() -> list[str]:
 # Importing the method modules registers them.
 from slta.methods import breadcrumbs, consensus_ta, dare, linear, regmean, task_arithmetic, ties  # noqa: E402,F401
 
+# slta's levels, coarsest first: where the model is cut into submodules, each with its own α per task
+# (Sec. 3.2; slta.io.architecture cuts them)
+GRANULARITIES = ("model", "layer", "attn_mlp", "head_mlp", "linear")
+
 # Data-driven methods: implemented by engine clients (slta.merges.closed_form / slta.merges.regmean).
 register(
     Method(
