@@ -288,3 +288,23 @@ def test_kill_9_midway_then_rerun_cleans_up_and_matches(zoo, caplog):
     assert len(lines) == 1 and "3 leftover(s)" in lines[0] and ".out.partial" in lines[0], lines
     report = json.loads((out / "slta_report.json").read_text())
     assert report["method"] == "task_arithmetic"
+
+
+def test_signal_just_after_the_temporary_folder_exists_leaves_nothing(tmp_path, monkeypatch):
+    """A SIGTERM (raised as KeyboardInterrupt by the CLI's handler) that lands right after the temporary
+    folder is made, before anything is written into it, still removes it (a CI run once caught a kill test
+    in that window and found `.out.tmp-PID` left behind)."""
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_signal(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if ".tmp-" in self.name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_signal)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with slta.io.output.atomic_output(out):
+            raise AssertionError("the block must not run")
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))

@@ -195,10 +195,10 @@ def atomic_output(out: str | Path, overwrite: bool = False, resume: bool = False
         _clean_leftovers(target, shown, keep_partial=resume)
         tmp = partial_folder(target) if resume else target.parent / f".{target.name}.tmp-{os.getpid()}"
         try:
-            tmp.mkdir(exist_ok=True)
-        except OSError as e:
-            raise (_os_error(e, shown, needed, "creating") or e) from None
-        try:
+            try:  # inside the cleanup's try: a SIGTERM just after the folder exists still removes it
+                tmp.mkdir(exist_ok=True)
+            except OSError as e:
+                raise (_os_error(e, shown, needed, "creating") or e) from None
             yield tmp
             _replace(tmp, target)
         except BaseException as e:
