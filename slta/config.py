@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from slta import methods
+from slta.solve import AUTO_SCALE
 
 log = logging.getLogger("slta")
 
@@ -290,7 +291,7 @@ def _validate_variants(cfg: MergeConfig, where: str, granularity: str) -> None:
     if targets == "trajectory" and (inputs != "merged" or granularity not in ("layer", "attn_mlp") or refine):
         raise ConfigError(f"{where}: parameters.targets: trajectory needs inputs: merged and refine: 0, at "
                           f"granularity layer or attn_mlp (got inputs: {inputs}, refine: {refine}, {granularity})")
-    if scale in ("auto", "auto_task"):
+    if scale in AUTO_SCALE:
         if inputs != "base" or refine or targets != "module":
             raise ConfigError(f"{where}: parameters.scale: {scale} needs inputs: base, refine: 0 and targets: module "
                               f"(the search scales α after the solve)")
@@ -301,8 +302,8 @@ def _validate_variants(cfg: MergeConfig, where: str, granularity: str) -> None:
         if refine and any(s != 1 for s in scale):
             raise ConfigError(f"{where}: parameters.scale: not with refine (the Gauss-Newton steps would undo it)")
     elif not _positive(scale):
-        raise ConfigError(f"{where}: parameters.scale: expected a positive number, one per model, auto or "
-                          f"auto_task, got {scale!r}")
+        raise ConfigError(f"{where}: parameters.scale: expected a positive number, one per model, auto, "
+                          f"auto_task or auto_joint, got {scale!r}")
     elif scale != 1 and refine:
         raise ConfigError(f"{where}: parameters.scale: not with refine (the Gauss-Newton steps would undo it)")
     margin = cfg.param("scale_margin")

@@ -27,6 +27,7 @@ from slta.io.checkpoint import ShardedWriter, dtype_name, parse_size
 from slta.io.inputs import input_paths, open_inputs, output_bytes, resolve_device
 from slta.io.journal import Journal
 from slta.io.output import atomic_output, check_output, finish_folder, input_fingerprints
+from slta.solve import AUTO_SCALE
 
 # Re-exports: where each of the old slta.merge names lives now.
 from slta.engine.calibration import calibration  # noqa: E402,F401
@@ -71,11 +72,11 @@ def run_merge(config: str | Path | dict | MergeConfig, out: str | Path, overwrit
     out = Path(out)
     report: dict[str, Any] = {"method": method.name}
     variant = method.name == "slta" and (cfg.param("inputs") == "merged" or cfg.param("refine")
-                                         or cfg.param("scale") in ("auto", "auto_task"))
+                                         or cfg.param("scale") in AUTO_SCALE)
     resumable = resume and not (method.name in ("regmean", "regmean_plusplus") or granularity == "model" or variant)
     if resume and not resumable:
         why = ("two passes over the model" if granularity == "model" else
-               "inputs: merged / refine / scale: auto(_task) keep no journal" if variant else "no journal")
+               "inputs: merged / refine / scale: auto* keep no journal" if variant else "no journal")
         log.warning("%s merges are not resumable (%s); this run starts from the beginning", method.name, why)
     needed = output_bytes(ins, plan)
     with atomic_output(out, overwrite, resume=resumable, inputs=inputs, needed=needed) as tmp:

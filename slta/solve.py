@@ -27,6 +27,9 @@ import numpy as np
 import slta
 
 DEFAULT_RCOND = 1e-9
+# `scale` values chosen after the solve from the calibration responses' loss (slta.merges.autoscale): one
+# global factor, one per task, one per task checked together (issue #28)
+AUTO_SCALE = ("auto", "auto_task", "auto_joint")
 
 
 @dataclass
@@ -132,8 +135,8 @@ slta._as_command(__name__)  # `slta.solve(...)` runs slta.merges.stats.run_solve
 def scale_factors(scale: Any, models: list[int] | None = None) -> float | np.ndarray:
     """What α are multiplied by after the solve, from the merge's `scale` parameter: a number, or one factor
     per model (of the config's models; `models` picks a subset's, as `slta solve --models` does); 1 while
-    `auto` / `auto_task` have not chosen yet (slta.merges.autoscale)."""
-    if scale in ("auto", "auto_task"):
+    `auto` / `auto_task` / `auto_joint` have not chosen yet (slta.merges.autoscale)."""
+    if scale in AUTO_SCALE:
         return 1.0
     if isinstance(scale, (list, tuple, np.ndarray)):
         factors = np.asarray(scale, dtype=np.float64)

@@ -336,7 +336,7 @@ def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "chat-seed0" / "report" / "results.json").read_text())
     tri = "math+code+translate"
-    assert set(results["slta"]) == {"attn_mlp", "attn_mlp|per-task×scale", "attn_mlp|auto_task"}
+    assert set(results["slta"]) == {"attn_mlp", "attn_mlp|per-task×scale", "attn_mlp|auto_task", "attn_mlp|auto_joint"}
     names = [name for name, _ in table_rows(results)]
     assert "Task Arithmetic · per-task λ" in names
     ta, ta_row = results["baselines"]["task_arithmetic"][tri], results["baselines"][TA_PER_TASK][tri]
@@ -351,6 +351,11 @@ def test_strength_rows_on_the_tiny_zoo(tmp_path, tiny_zoo):
     auto = results["slta"]["attn_mlp|auto_task"][tri][0]
     assert auto["scale"] == auto["scale_search"]["chosen"] and len(auto["scale"]) == 3
     assert {"test", "val"} <= set(auto)
+    joint = results["slta"]["attn_mlp|auto_joint"][tri][0]  # auto_task's search, then checked together
+    search = joint["scale_search"]
+    assert search["one_at_a_time"] == auto["scale"] and search["joint"]["checks"][0]["factors"] == auto["scale"]
+    assert joint["scale"] == search["chosen"] == search["joint"]["chosen"]
+    assert all(j >= a for j, a in zip(joint["scale"], auto["scale"]))  # factors only rise
 
 
 def test_warm_up_plan_waits_only_where_a_result_is_needed():
@@ -374,9 +379,10 @@ def test_warm_up_plan_waits_only_where_a_result_is_needed():
                                merge_config=lambda m, c, p: {"models": [{"data": "x"} if m in DATA_METHODS else {}]},
                                grids=lambda: {m: g for m, g in grids.items()
                                               if m in ("weight_average", "task_arithmetic", "regmean_plusplus")})
-        ready, later = plan(demo, ("auto_task",))
+        ready, later = plan(demo, ("auto_task", "auto_joint"))
         slta_units = [("slta", "layer", 0), ("slta", "attn_mlp", 0)]
-        assert [u for u in ready if u[0] == "auto_task"] == [("auto_task", "attn_mlp", c) for c in COMBOS]
+        assert [u for u in ready if u[0] == "auto_task"] == [("auto_task", "attn_mlp", c, m)
+                                                             for m in ("auto_task", "auto_joint") for c in COMBOS]
         assert all((u in ready) != diagnose for u in slta_units)
         for w in later:
             vals = {ready[k][1:3] for k in w.after}
@@ -403,11 +409,12 @@ def test_strength_options_pick_the_rows(monkeypatch):
 
     calls = []
     monkeypatch.setattr(strength, "slta_per_task", lambda demo, level, combo: calls.append(("per_task", level)) or {})
-    monkeypatch.setattr(strength, "auto_task", lambda demo, level, combo: calls.append(("auto_task", level)) or {})
+    monkeypatch.setattr(strength, "auto_task", lambda demo, level, combo, mode: calls.append((mode, level)) or {})
     monkeypatch.setattr(strength, "ta_per_task", lambda demo, combo: calls.append(("ta_per_task", None)) or {})
     for levels in (("layer", "attn_mlp"), ("attn_mlp",)):  # --strength-levels: attn_mlp alone
         demo = SimpleNamespace(combos=[("math", "code"), ("math", "code", "translate")], strength_levels=levels)
         for options, want in [(("auto_task",), {"auto_task"}), (("per_task", "ta_per_task"), {"per_task", "ta_per_task"}),
+                              (("auto_joint",), {"auto_joint"}),
                               (True, set(strength.OPTIONS))]:
             calls.clear()
             bar = SimpleNamespace(n=0, set_postfix_str=lambda s: None)
@@ -416,7 +423,7 @@ def test_strength_options_pick_the_rows(monkeypatch):
             assert {c[0] for c in calls} == want and {c[1] for c in calls} - {None} == set(levels)
             assert bar.n == len(calls) == strength.n_strength_steps(2, levels, strength.strength_options(options))
             assert bool(base) == ("ta_per_task" in want)
-            rows = {"per_task": "per-task×scale", "auto_task": "auto_task"}
+            rows = {"per_task": "per-task×scale", "auto_task": "auto_task", "auto_joint": "auto_joint"}
             assert set(ours) == {f"{level}|{rows[o]}" for level in levels for o in want if o in rows}
     with pytest.raises(ValueError, match="unknown --strength options: auto"):
         strength.strength_options(("auto",))

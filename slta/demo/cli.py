@@ -42,8 +42,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", nargs="?", const=True, default=False, metavar="OPTIONS",
                    type=lambda s: tuple(x for x in s.split(",") if x),
                    help="also a factor per task: on slta's α (per_task) and task arithmetic's λ (ta_per_task), "
-                        "chosen on validation, and slta's training-free scale: auto_task (slta.demo.strength); "
-                        "all three, or those named, e.g. --strength auto_task")
+                        "chosen on validation, and slta's training-free scale: auto_task and auto_joint "
+                        "(slta.demo.strength); all four, or those named, e.g. --strength auto_task,auto_joint")
     p.add_argument("--strength-levels", type=lambda s: [x for x in s.split(",") if x], metavar="LEVELS",
                    help="the levels --strength runs at (default: layer and attn_mlp among --levels), e.g. attn_mlp "
                         "alone: `make demo`'s training-free row, an `auto_task` merge being about 4x slta's")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from slta.demo.table import COMBOS, TASKS
 
-Unit = tuple  # ("ref", name) | ("val" | "test", method, combo, params) | ("slta", level, seed) | ("auto_task", level, combo)
+Unit = tuple  # ("ref", name) | ("val" | "test", method, combo, params) | ("slta", level, seed) | ("auto_task", level, combo, mode)
 
 
 @dataclass
@@ -48,8 +48,9 @@ def plan(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], list[Later]]
     grids = demo.grids()
     with_slta = demo.methods is None or "slta" in demo.methods
     ready: list[Unit] = []
-    if "auto_task" in strength and with_slta:
-        ready += [("auto_task", level, combo) for combo in demo.combos for level in demo.strength_levels]
+    for mode in ("auto_task", "auto_joint"):
+        if mode in strength and with_slta:
+            ready += [("auto_task", level, combo, mode) for combo in demo.combos for level in demo.strength_levels]
     ready += [("ref", name) for name in ("base", *TASKS)]
     later: list[Later] = []
     vals: dict[tuple[str, tuple[str, ...]], set[int]] = {}
@@ -121,7 +122,7 @@ def describe(unit: Unit) -> str:
     if kind in ("val", "test"):
         return f"{rest[0]} {'+'.join(rest[1])} {rest[2]} ({kind})"
     if kind == "auto_task":
-        return f"slta {rest[0]} auto_task {'+'.join(rest[1])}"
+        return f"slta {rest[0]} {rest[2]} {'+'.join(rest[1])}"
     return {"ref": lambda: f"{rest[0]} (test)", "slta": lambda: f"slta {rest[0]} seed {rest[1]}"}[kind]()
 
 

@@ -11,6 +11,7 @@ factor on top of a method's weights:
 - `task_arithmetic_per_task` (the baseline it must beat): per-model weights λ_t, the same sweep from
   task arithmetic's validated λ.
 - `LEVEL|auto_task`: training-free, from the calibration responses' loss (slta.merges.autoscale).
+- `LEVEL|auto_joint`: auto_task's factors checked together and raised where a task lost its answers.
 
 The sweep: start from the method's validated global strength g (the same for every task); for each task
 in turn, try g·r for r in RELATIVE with the other tasks' factors where the sweep left them, and keep
@@ -35,7 +36,8 @@ RELATIVE = (0.6, 0.8, 1.25, 1.5, 2.0)  # a task's factor relative to the global 
 TA_PER_TASK = "task_arithmetic_per_task"
 # `--strength OPTIONS`: which rows; the validation searches cost ~10x a closed-form merge on SmolLM2,
 # auto_task ~4x (docs/methods.md), so a short demo can run the training-free row alone
-OPTIONS = ("per_task", "auto_task", "ta_per_task")
+OPTIONS = ("per_task", "auto_task", "ta_per_task", "auto_joint")
+AUTO = ("auto_task", "auto_joint")  # the training-free options: one `scale:` merge each
 
 
 def strength_options(strength: bool | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -51,7 +53,7 @@ def strength_options(strength: bool | tuple[str, ...] | list[str]) -> tuple[str,
 
 def n_strength_steps(n_combos: int, levels: tuple[str, ...], options: tuple[str, ...] = OPTIONS) -> int:
     """Progress-bar steps; `levels`: the levels strength runs at (Demo.strength_levels)."""
-    per_level = sum(o in options for o in ("per_task", "auto_task"))
+    per_level = sum(o in options for o in ("per_task", *AUTO))
     return (per_level * len(levels) + ("ta_per_task" in options)) * n_combos
 
 
@@ -129,11 +131,12 @@ def ta_per_task(demo, combo: tuple[str, ...]) -> dict[str, Any]:
             "test": demo.merged_scores(ta_config(demo, combo, got["factors"]), combo, "test")}
 
 
-def auto_task(demo, level: str, combo: tuple[str, ...]) -> dict[str, Any]:
-    """The training-free row: one merge with `scale: auto_task` (its search is in the merge's report)."""
+def auto_task(demo, level: str, combo: tuple[str, ...], mode: str = "auto_task") -> dict[str, Any]:
+    """A training-free row: one merge with `scale: MODE` (auto_task or auto_joint; its search is in the
+    merge's report)."""
     from slta.merge import run_merge
 
-    cfg = demo.merge_config("slta", combo, {"granularity": level, "num_samples": 30, "seed": 0, "scale": "auto_task"})
+    cfg = demo.merge_config("slta", combo, {"granularity": level, "num_samples": 30, "seed": 0, "scale": mode})
     key = demo.key({"config": cfg})
     paths = {s: demo.cache / f"eval-{key}-{s}.json" for s in ("test", "val")}
     search_path = demo.cache / f"search-{key}.json"
@@ -152,7 +155,7 @@ def auto_task(demo, level: str, combo: tuple[str, ...]) -> dict[str, Any]:
 
 
 def run_strength(demo, bar, options: tuple[str, ...] = OPTIONS) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(slta rows {"LEVEL|per-task×scale" | "LEVEL|auto_task": {combo: [run]}}, {TA_PER_TASK: {combo: run}}),
+    """(slta rows {"LEVEL|per-task×scale" | "LEVEL|auto_task" | "LEVEL|auto_joint": {combo: [run]}}, {TA_PER_TASK: {combo: run}}),
     for the `options` (OPTIONS) asked for."""
     options = strength_options(options)
     ours: dict[str, Any] = {}
@@ -164,9 +167,9 @@ def run_strength(demo, bar, options: tuple[str, ...] = OPTIONS) -> tuple[dict[st
                 bar.set_postfix_str(f"slta {level} per-task scale {name}")
                 ours.setdefault(f"{level}{SEP}per-task×scale", {})[name] = [slta_per_task(demo, level, combo)]
                 bar.update()
-            if "auto_task" in options:
-                bar.set_postfix_str(f"slta {level} auto_task {name}")
-                ours.setdefault(f"{level}{SEP}auto_task", {})[name] = [auto_task(demo, level, combo)]
+            for mode in (m for m in AUTO if m in options):
+                bar.set_postfix_str(f"slta {level} {mode} {name}")
+                ours.setdefault(f"{level}{SEP}{mode}", {})[name] = [auto_task(demo, level, combo, mode)]
                 bar.update()
         if "ta_per_task" in options:
             bar.set_postfix_str(f"task arithmetic per-task λ {name}")

@@ -27,6 +27,13 @@ on that task's calibration responses within `scale_margin` of the fine-tune's ow
 different strengths: on SmolLM2 a language the base never saw needs its whole task vector while math
 degrades as λ grows). Candidates vary one task's α at a time and run on that task's samples only
 (`search_task_scales`). A list `scale: [c_1, ..., c_T]` sets the factors by hand (or a validation search).
+
+`scale: auto_joint` (issue #28): auto_task's factors, then checked together. auto_task measures each task's
+loss with the other tasks' α as solved, so its choices need not combine (on SmolLM2, code's and
+translate's factors take math's answers away in the merge that has all three). auto_joint measures every
+task's loss under the chosen factors together; a task now above its margin gets the smallest larger factor
+that brings it back, the others as they now are, and the check repeats (`joint_factors`). Factors only
+rise, so it ends; a task that no larger factor brings back keeps its factor. Same margin, no new tuning.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ if TYPE_CHECKING:
 
 AUTO_SCALES = (1.0, 1.2, 1.4, 1.6, 1.8)
 TASK_FACTORS = (0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0)  # auto_task: one task's α times f, the others' as solved
+JOINT_ROUNDS = 3  # auto_joint: raises after auto_task's choice at most (each: one check walk, one raise walk)
 
 
 class ScaleSearch(Client):
@@ -99,8 +107,9 @@ class ScaleSearch(Client):
             for b in self.stream.batches:
                 if self.runs(j, b):
                     self.hs[id(b)][j] = runner.layer_out(i, merged, self.hs[id(b)][j], b)
-        for b in self.stream.batches:
-            b.h = next(iter(self.hs[id(b)].values()))  # the engine's contract; nothing reads it after this pass
+        for b in self.stream.batches:  # the engine's contract; nothing reads it after this pass
+            if self.hs[id(b)]:  # (auto_joint's raise walk runs no candidate on some tasks' batches)
+                b.h = next(iter(self.hs[id(b)].values()))
 
     def head(self, names: list[str], loaded: Loaded | None) -> None:
         ins, plan, runner = self.ins, self.plan, self.stream.runner
@@ -194,9 +203,62 @@ def task_factor(own: float, loss: list[float], factors: tuple[float, ...], margi
     return min(within) if within else 1.0
 
 
+def _walk_losses(ins: Inputs, plan: Plan, device: torch.device, dtype: torch.dtype, progress: bool,
+                 candidates: list[dict[str, np.ndarray]], only: list[int]) -> tuple[list[float], np.ndarray]:
+    """One walk: candidate j's mean response loss on task only[j]'s calibration samples; and the response
+    tokens per task."""
+    from slta.engine.calibration import calibration_masks
+    from slta.engine.walk import walk
+
+    cfg = ins.cfg
+    tasks, _, masks = calibration_masks(ins, "response")
+    stream = Stream.open(ins, plan, tasks, device, dtype, cfg.param("batch_size"), masks, cfg.param("batch_tokens"))
+    client = ScaleSearch(ins, plan, stream, candidates, list(only))
+    walk(ins, plan, client, progress)
+    per = client.per_task()
+    return [float(per[j, t]) for j, t in enumerate(only)], client.count
+
+
+def joint_factors(losses, own: list[float], start: list[float], factors: tuple[float, ...], margin: float,
+                  rounds: int = JOINT_ROUNDS) -> dict[str, Any]:
+    """auto_joint's rule (module docstring). ``losses(candidates, only)``: each candidate factor list's loss
+    on task only[j]'s samples. Check: every task's loss under the current factors together. Raise: each task
+    above own + margin (and not given up on) gets the smallest larger factor within the margin with the
+    others as they are, all such tasks at once; a task no larger factor brings back is given up on
+    (it keeps its factor, as auto_task keeps α where nothing comes within the margin). At most ``rounds``
+    raises; the last check is reported, so "over" lists the tasks still above their margin."""
+    T = len(own)
+    current, given_up, checks = list(start), set(), []
+    for r in range(rounds + 1):
+        loss = losses([current] * T, list(range(T)))
+        over = [t for t in range(T) if loss[t] > own[t] + margin]
+        checks.append({"factors": list(current), "loss": [round(v, 6) for v in loss], "over": over})
+        todo = [t for t in over if t not in given_up]
+        if not todo or r == rounds:
+            break
+        cands, only = [], []
+        for t in todo:
+            for f in factors:
+                if f > current[t]:
+                    cands.append([f if u == t else c for u, c in enumerate(current)])
+                    only.append(t)
+        got = losses(cands, only) if cands else []
+        raised = list(current)
+        for t in todo:
+            within = [c[t] for c, u, v in zip(cands, only, got) if u == t and v <= own[t] + margin]
+            if within:
+                raised[t] = min(within)
+            else:
+                given_up.add(t)
+        if raised == current:
+            break
+        current = raised
+    return {"chosen": current, "checks": checks, "given_up": sorted(given_up), "rounds": rounds}
+
+
 def search_task_scales(ins: Inputs, plan: Plan, alphas: dict[str, np.ndarray], device: torch.device,
                        dtype: torch.dtype, progress: bool, margin: float,
-                       factors: tuple[float, ...] = TASK_FACTORS) -> dict[str, Any]:
+                       factors: tuple[float, ...] = TASK_FACTORS, joint: bool = False) -> dict[str, Any]:
     """`scale: auto_task` (issue #28): one factor per task, from the calibration responses alone.
 
     For task t: the fine-tune's own loss on t's calibration responses (the merge with α = e_t in every
@@ -205,14 +267,9 @@ def search_task_scales(ins: Inputs, plan: Plan, alphas: dict[str, np.ndarray], d
     the fine-tune's own, or 1 if none is: as much of the task as its own answers need, and no more (more
     only adds interference on the others). Each candidate runs on its task's samples only; the T factors
     are chosen one task at a time, not jointly, and need not combine (on SmolLM2, code's factor that
-    suits code alone costs math most of its accuracy: docs/methods.md)."""
-    from slta.engine.calibration import calibration_masks
-    from slta.engine.walk import walk
-
-    cfg = ins.cfg
+    suits code alone costs math most of its accuracy: docs/methods.md). ``joint`` (`scale: auto_joint`):
+    then checked together and raised (`joint_factors`)."""
     T = len(ins.tuned)
-    tasks, _, masks = calibration_masks(ins, "response")
-    stream = Stream.open(ins, plan, tasks, device, dtype, cfg.param("batch_size"), masks, cfg.param("batch_tokens"))
     candidates, only = [], []
     for t in range(T):
         onehot = np.eye(T)[t]
@@ -223,13 +280,20 @@ def search_task_scales(ins: Inputs, plan: Plan, alphas: dict[str, np.ndarray], d
             scaled[t] = f
             candidates.append({k: np.asarray(a) * scaled for k, a in alphas.items()})
             only.append(t)
-    client = ScaleSearch(ins, plan, stream, candidates, only)
-    walk(ins, plan, client, progress)
-    per = client.per_task()
+    got, count = _walk_losses(ins, plan, device, dtype, progress, candidates, only)
     n = len(factors) + 1
-    own = [float(per[t * n, t]) for t in range(T)]
-    loss = [[float(per[t * n + 1 + i, t]) for i in range(len(factors))] for t in range(T)]
+    own = [got[t * n] for t in range(T)]
+    loss = [[got[t * n + 1 + i] for i in range(len(factors))] for t in range(T)]
     chosen = [task_factor(own[t], loss[t], factors, margin) for t in range(T)]
-    return {"factors": list(factors), "margin": margin, "fine_tune_loss": [round(v, 6) for v in own],
-            "loss": [[round(v, 6) for v in row] for row in loss], "chosen": chosen,
-            "response_tokens": client.count.astype(int).tolist()}
+    out = {"factors": list(factors), "margin": margin, "fine_tune_loss": [round(v, 6) for v in own],
+           "loss": [[round(v, 6) for v in row] for row in loss], "chosen": chosen,
+           "response_tokens": count.astype(int).tolist()}
+    if joint:
+        def losses(cands: list[list[float]], on: list[int]) -> list[float]:
+            scaled = [{k: np.asarray(a) * np.asarray(c) for k, a in alphas.items()} for c in cands]
+            return _walk_losses(ins, plan, device, dtype, progress, scaled, on)[0]
+
+        out["one_at_a_time"] = chosen
+        out["joint"] = joint_factors(losses, own, chosen, factors, margin)
+        out["chosen"] = out["joint"]["chosen"]
+    return out

@@ -24,7 +24,7 @@ from slta.io.checkpoint import ShardedWriter
 from slta.io.inputs import Inputs, check_finite
 from slta.io.journal import Journal
 from slta.merges.write import write_alpha_tensors, write_alphas
-from slta.solve import Solution, scale_factors, solve_module
+from slta.solve import AUTO_SCALE, Solution, scale_factors, solve_module
 
 if TYPE_CHECKING:  # slta.engine.features imports transformers' attention code (~1 s): only the closed form needs it
     from slta.engine.features import Batch, GramStore, Runner
@@ -70,7 +70,7 @@ class ClosedForm(Client):
 
             self.targets = Targets(len(task_of), len(ins.tuned))
         # a number: every α times it (the one-parameter fallback); one per model: each task's α times its own
-        # (issue #28); "auto" / "auto_task": chosen after the solve (autoscale.py)
+        # (issue #28); AUTO_SCALE: chosen after the solve (autoscale.py)
         self.scale = scale_factors(ins.cfg.param("scale"))
         self.refined: dict[str, dict[str, Any]] = {}
         self.sols: dict[str, Solution] = {}
@@ -204,7 +204,7 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
     journal = journal or Journal(None, "")
     for name, g in journal.grams().items():  # resuming: the statistics gathered so far
         store.g[name].copy_(g.to(device))
-    auto = cfg.param("scale") in ("auto", "auto_task")  # α are final only after the search: written afterwards
+    auto = cfg.param("scale") in AUTO_SCALE  # α are final only after the search: written afterwards
     client = ClosedForm(ins, plan, None if auto else writer, stream, store, task_of, journal)
     t_feat = time.perf_counter()
     walk(ins, plan, client, progress, show_label=True)  # a reader thread loads layer i+1 while layer i computes
@@ -220,7 +220,7 @@ def solve_closed_form(ins: Inputs, plan: Plan, writer: ShardedWriter | None, dev
             search = search_scale(ins, plan, client.alphas, device, compute_dtype, progress)
         else:
             search = search_task_scales(ins, plan, client.alphas, device, compute_dtype, progress,
-                                        float(cfg.param("scale_margin")))
+                                        float(cfg.param("scale_margin")), joint=cfg.param("scale") == "auto_joint")
         client.sols = {k: s.scaled(np.asarray(search["chosen"])) for k, s in client.sols.items()}
         client.alphas = {k: s.alpha for k, s in client.sols.items()}
         timings["scale_search"] = time.perf_counter() - t_s

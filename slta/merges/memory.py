@@ -38,6 +38,7 @@ from slta.io.architecture import Plan, build_plan
 from slta.io.checkpoint import parse_dtype
 from slta.io.inputs import Inputs, memory_total, open_inputs, resolve_device
 from slta.merges.data_free import work_dtype
+from slta.solve import AUTO_SCALE
 
 GIB = 2**30
 BASE_RSS = int(0.45 * GIB)  # the process after imports, tokenizer and checks (measured: 0.33-0.5 GiB)
@@ -141,10 +142,10 @@ def estimate(ins: Inputs, plan: Plan, device: torch.device, tokens: list[list[in
         # the engine reads layer 0 while the embedding stage (row blocks, its own reads) runs
         est.ram = {"embed": BASE_RSS + max(embed, write_rows) + G,
                    "layers": BASE_RSS + G + ahead + max(feats, write + hidden_all), "head": BASE_RSS + max(head, write_rows)}
-    if cfg.param("scale") in ("auto", "auto_task"):  # the second walk (slta.merges.autoscale): candidates' hidden states
+    if cfg.param("scale") in AUTO_SCALE:  # the second walk (slta.merges.autoscale): candidates' hidden states
         from slta.merges.autoscale import AUTO_SCALES, TASK_FACTORS
 
-        # auto_task: 1 + |factors| candidates per task, each on its own task's samples
+        # auto_task (and auto_joint's walks, never more): 1 + |factors| candidates per task, each on its own task's samples
         copies = len(AUTO_SCALES) if cfg.param("scale") == "auto" else len(TASK_FACTORS) + 1
         search = copies * hidden_all + (one * T1 if whole else one) + batch
         est.notes.append(f"scale: {cfg.param('scale')}: a second pass holds {copies} copies of the calibration "

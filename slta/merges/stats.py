@@ -26,7 +26,7 @@ from slta.io.inputs import Inputs, MergeError, input_paths, open_inputs, output_
 from slta.io.output import atomic_output, changed_inputs, check_output, finish_folder, input_fingerprints
 from slta.merges.closed_form import SltaResult
 from slta.merges.write import write_alphas
-from slta.solve import scale_factors, solve_module
+from slta.solve import AUTO_SCALE, scale_factors, solve_module
 
 
 def write_stats(path: Path, cfg: MergeConfig, ins: Inputs, plan: Plan, res: SltaResult) -> None:
@@ -77,7 +77,7 @@ def check_solvable(meta: dict[str, Any], stats: str | Path) -> None:
     params = (meta.get("config") or {}).get("parameters") or {}
     needs = [f"{k}: {params[k]}" for k, paper in (("inputs", "base"), ("refine", 0), ("targets", "module"))
              if params.get(k, paper) != paper] + ([f"scale: {params['scale']}"]
-                                                  if params.get("scale") in ("auto", "auto_task") else [])
+                                                  if params.get("scale") in AUTO_SCALE else [])
     if needs:
         raise MergeError(f"statistics {stats}: measured with {' and '.join(needs)}, which needs a forward pass: "
                          f"`slta solve` cannot re-solve it from saved statistics; run `slta merge` instead")

@@ -102,8 +102,8 @@ register(
             "refine": 0,  # beyond the paper: Gauss-Newton steps on Eq. 10 (slta.merges.refine)
             "targets": "module",  # beyond the paper: trajectory, the fine-tunes' own states (slta.merges.trajectory)
             "scale": 1.0,  # beyond the paper: every α times this; a one-parameter search, like λ (docs/methods.md)
-            # (or one factor per model, or auto / auto_task: chosen from the calibration responses' loss)
-            "scale_margin": 0.05,  # auto_task: nats per response token above the fine-tune's own loss (autoscale.py)
+            # (or one factor per model, or slta.solve.AUTO_SCALE: chosen from the calibration responses' loss)
+            "scale_margin": 0.05,  # auto_task / auto_joint: nats per response token above the fine-tune's own loss
         },
         reference="Dai et al., Leveraging Submodule Linearity Enhances Task Arithmetic Performance in LLMs, ICLR 2025",
     )
