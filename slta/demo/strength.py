@@ -144,7 +144,8 @@ def auto_task(demo, level: str, combo: tuple[str, ...], mode: str = "auto_task")
         folder = demo.work / key
         run_merge(cfg, folder, overwrite=True, device=demo.device, progress=False)
         try:
-            search_path.write_text(json.dumps(json.loads((folder / "slta_report.json").read_text())["scale_search"]))
+            report = json.loads((folder / "slta_report.json").read_text())
+            search_path.write_text(json.dumps({**report["scale_search"], "timings": report["timings"]}))
             for s in paths:
                 demo.evaluate(folder, combo, s, key)
         finally:
