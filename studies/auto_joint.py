@@ -28,7 +28,7 @@ def main() -> None:
     import torch
 
     from slta.demo import Demo
-    from slta.demo.strength import auto_task
+    from slta.demo.strength import auto_config, auto_task
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("zoos", nargs="+")
@@ -53,7 +53,9 @@ def main() -> None:
             search = run["scale_search"]
             row = {"zoo": zoo.name, "combo": name, "level": a.level, "mode": a.mode, "factors": run["scale"],
                    "one_at_a_time": search.get("one_at_a_time", search["chosen"]), "joint": search.get("joint"),
-                   "fine_tune_loss": search["fine_tune_loss"], "timings": search.get("timings"),
+                   "fine_tune_loss": search["fine_tune_loss"],
+                   "timings": json.loads((demo.cache / f"search-{auto_config(demo, a.level, combo, a.mode)[1]}.json")
+                                         .read_text())["timings"],
                    "test": run["test"], "val": run["val"], "seconds": time.perf_counter() - t}
             rows.append(row)
             checks = "; ".join(f"{c['factors']} loss {c['loss']} over {c['over']}"

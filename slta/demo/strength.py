@@ -131,13 +131,18 @@ def ta_per_task(demo, combo: tuple[str, ...]) -> dict[str, Any]:
             "test": demo.merged_scores(ta_config(demo, combo, got["factors"]), combo, "test")}
 
 
+def auto_config(demo, level: str, combo: tuple[str, ...], mode: str) -> tuple[dict[str, Any], str]:
+    """A training-free row's merge config (`scale: MODE`) and its cache key."""
+    cfg = demo.merge_config("slta", combo, {"granularity": level, "num_samples": 30, "seed": 0, "scale": mode})
+    return cfg, demo.key({"config": cfg})
+
+
 def auto_task(demo, level: str, combo: tuple[str, ...], mode: str = "auto_task") -> dict[str, Any]:
     """A training-free row: one merge with `scale: MODE` (auto_task or auto_joint; its search is in the
-    merge's report)."""
+    merge's report, kept in the cache as search-KEY.json with the merge's timings)."""
     from slta.merge import run_merge
 
-    cfg = demo.merge_config("slta", combo, {"granularity": level, "num_samples": 30, "seed": 0, "scale": mode})
-    key = demo.key({"config": cfg})
+    cfg, key = auto_config(demo, level, combo, mode)
     paths = {s: demo.cache / f"eval-{key}-{s}.json" for s in ("test", "val")}
     search_path = demo.cache / f"search-{key}.json"
     if not all(p.exists() for p in (*paths.values(), search_path)):
@@ -151,6 +156,7 @@ def auto_task(demo, level: str, combo: tuple[str, ...], mode: str = "auto_task")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     search = json.loads(search_path.read_text())
+    search.pop("timings", None)  # the results are the same whichever process or run merged
     return {"seed": 0, "scale": search["chosen"], "scale_search": search,
             **{s: json.loads(p.read_text()) for s, p in paths.items()}}
 
