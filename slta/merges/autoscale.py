@@ -38,7 +38,7 @@ rise, so it ends; a task that no larger factor brings back keeps its factor. Sam
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -219,7 +219,8 @@ def _walk_losses(ins: Inputs, plan: Plan, device: torch.device, dtype: torch.dty
     return [float(per[j, t]) for j, t in enumerate(only)], client.count
 
 
-def joint_factors(losses, own: list[float], start: list[float], factors: tuple[float, ...], margin: float,
+def joint_factors(losses: Callable[[list[list[float]], list[int]], list[float]], own: list[float],
+                  start: list[float], factors: tuple[float, ...], margin: float,
                   rounds: int = JOINT_ROUNDS) -> dict[str, Any]:
     """auto_joint's rule (module docstring). ``losses(candidates, only)``: each candidate factor list's loss
     on task only[j]'s samples. Check: every task's loss under the current factors together. Raise: each task
