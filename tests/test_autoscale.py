@@ -215,14 +215,23 @@ def test_joint_factors_rule():
     # over again (task 1 moved); raise task 0 -> 1.4; check [1.4, 1.2]: none over
     assert [c["factors"] for c in got["checks"]] == [[1.0, 1.0], [1.2, 1.2], [1.4, 1.2]]
     assert [c["over"] for c in got["checks"]] == [[0, 1], [0], []]
-    assert got["chosen"] == [1.4, 1.2] and got["given_up"] == []
+    assert [c["excess"] for c in got["checks"]] == pytest.approx([0.9 + 0.4, 0.9, 0.0])
+    assert got["chosen"] == [1.4, 1.2] and got["kept"] == 2 and got["given_up"] == []
 
     never = joint_factors(lambda cands, only: [1.0 if t == 0 else 0.0 for t in only], own, [0.8, 1.0], factors, margin)
     assert never["chosen"] == [0.8, 1.0] and never["given_up"] == [0]  # nothing brings task 0 back: kept
     assert len(never["checks"]) == 1
 
     capped = joint_factors(losses, own, [1.0, 1.0], factors, margin, rounds=1)
-    assert capped["chosen"] == [1.2, 1.2] and capped["checks"][-1]["over"] == [0]  # out of raises: reported
+    assert capped["checks"][-1] == {"factors": [1.2, 1.2], "loss": [1.0, 0.05], "over": [0], "excess": 0.9}
+    assert capped["chosen"] == [1.2, 1.2] and capped["kept"] == 1  # out of raises: the least excess so far
+
+    def worse(cands, only):  # task 1's raise pushes task 0 far out, and nothing brings task 0 back
+        return [(2.0 if c[1] > 1.0 else 0.0) if t == 0 else (0.0 if c[1] > 1.0 else 0.3) for c, t in zip(cands, only)]
+
+    back = joint_factors(worse, own, [1.0, 1.0], factors, margin)
+    assert [c["factors"] for c in back["checks"]] == [[1.0, 1.0], [1.0, 1.2]] and back["given_up"] == [0]
+    assert back["chosen"] == [1.0, 1.0] and back["kept"] == 0  # excess 0.2 against 1.9: the earlier list
 
 
 @pytest.mark.parametrize("margin,raises", [(0.05, 1), (0.1, 1)])
@@ -255,12 +264,13 @@ def test_scale_auto_joint_matches_whole_models(tmp_path, margin, raises):
             memo[key] = reference_losses(folder, tasks, masks)
         return memo[key]
 
-    current, gave_up = list(search["one_at_a_time"]), set()
+    current, gave_up, excess = list(search["one_at_a_time"]), set(), []
     for r, check in enumerate(search["joint"]["checks"]):
         assert check["factors"] == current
         ref = loss_of(current)
         np.testing.assert_allclose(check["loss"], ref, rtol=1e-5, err_msg=f"check {r}")
         assert check["over"] == [t for t in range(T) if ref[t] > own[t] + margin]
+        excess.append((sum(max(0.0, v - o - margin) for v, o in zip(ref, own)), check["factors"]))
         todo = [t for t in check["over"] if t not in gave_up]
         if not todo or r == JOINT_ROUNDS:
             break
@@ -273,7 +283,11 @@ def test_scale_auto_joint_matches_whole_models(tmp_path, margin, raises):
             else:
                 gave_up.add(t)
         current = raised
-    assert search["chosen"] == current and search["joint"]["given_up"] == sorted(gave_up)
+    assert search["joint"]["given_up"] == sorted(gave_up)
+    best = min(e for e, _ in excess)  # the least total excess over the margins, the earliest of (near) equals
+    kept = next(f for e, f in excess if e <= best + 1e-5)
+    assert search["chosen"] == kept
+    current = kept
     assert len(search["joint"]["checks"]) - 1 >= raises
     fixed = run_merge(write_config(tmp_path / "c.yml", base, tuned, data, scale=current, **params), tmp_path / "c",
                       progress=False)

@@ -81,6 +81,10 @@ class Demo:
         if params.get("tokens", "all") != "all" or str(params.get("scale", "")).startswith("auto"):
             # a result that reads response positions changes when their reading does (TOKENS_READING)
             what = {**what, "response_reading": TOKENS_READING}
+        if params.get("scale") == "auto_joint":  # and auto_joint's, when its rule does
+            from slta.merges.autoscale import JOINT_RULE
+
+            what = {**what, "joint_rule": JOINT_RULE}
         blob = json.dumps({**what, "zoo": self.zoo_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
