@@ -48,7 +48,9 @@ def plan(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], list[Later]]
     grids = demo.grids()
     with_slta = demo.methods is None or "slta" in demo.methods
     ready: list[Unit] = []
-    for mode in ("auto_task", "auto_joint"):
+    from slta.demo.strength import AUTO
+
+    for mode in AUTO:
         if mode in strength and with_slta:
             ready += [("auto_task", level, combo, mode) for combo in demo.combos for level in demo.strength_levels]
     ready += [("ref", name) for name in ("base", *TASKS)]
