@@ -21,12 +21,9 @@ import json
 from pathlib import Path
 
 
-def excess(loss: list[float], own: list[float], margin: float) -> float:
-    """Σ_t max(0, loss_t − own_t − margin): the quantity auto_joint's keep step minimises."""
-    return sum(max(0.0, lo - o - margin) for lo, o in zip(loss, own))
-
-
 def main() -> None:
+    from slta.merges.autoscale import total_excess
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("outs", nargs="+")
     a = p.parse_args()
@@ -37,7 +34,7 @@ def main() -> None:
             if not joint or "kept" not in joint:  # auto_task searches, and rule-1 caches without a keep step
                 continue
             one = d["factors"].index(1.0)
-            paper = excess([row[one] for row in d["loss"]], d["fine_tune_loss"], d["margin"])
+            paper = total_excess([row[one] for row in d["loss"]], d["fine_tune_loss"], d["margin"])
             kept = joint["checks"][joint["kept"]]
             flag = "PAPER" if paper < kept["excess"] else ""
             print(f"{f.parent.parent.name:16s} {len(d['fine_tune_loss'])} tasks, own {d['fine_tune_loss']}: "

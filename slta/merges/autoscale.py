@@ -223,6 +223,11 @@ def _walk_losses(ins: Inputs, plan: Plan, device: torch.device, dtype: torch.dty
     return [float(per[j, t]) for j, t in enumerate(only)], client.count
 
 
+def total_excess(loss: list[float], own: list[float], margin: float) -> float:
+    """Σ_t max(0, loss_t − own_t − margin): how far a factor list leaves the tasks outside their margins."""
+    return sum(max(0.0, v - o - margin) for v, o in zip(loss, own))
+
+
 def joint_factors(losses: Callable[[list[list[float]], list[int]], list[float]], own: list[float],
                   start: list[float], factors: tuple[float, ...], margin: float,
                   rounds: int = JOINT_ROUNDS) -> dict[str, Any]:
@@ -259,7 +264,7 @@ def joint_factors(losses: Callable[[list[list[float]], list[int]], list[float]],
         if raised == current:
             break
         current = raised
-    excess = [sum(max(0.0, v - o - margin) for v, o in zip(c["loss"], own)) for c in checks]
+    excess = [total_excess(c["loss"], own, margin) for c in checks]
     for c, e in zip(checks, excess):
         c["excess"] = round(e, 6)
     kept = int(np.argmin(excess))  # the first of equals
