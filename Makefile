@@ -10,6 +10,9 @@ SYSTEM_PY ?= python3
 VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# the suite in two pytest-xdist workers, one test file each at a time (tests/conftest.py: one torch
+# thread per worker); PYTEST_ARGS= runs it in one process
+PYTEST_ARGS ?= -n 2 --dist loadfile
 # Set up once per venv and checkout, again when pyproject.toml changes: a venv may be shared by
 # several checkouts, each needing its own editable install.
 STAMP := $(VENV)/.slta-setup-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
@@ -37,7 +40,7 @@ $(STAMP): pyproject.toml
 test: setup
 	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh mergekit   # mergekit 0.1.5 in .venv-mergekit: the parity tests' peer
 	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh lmeval     # lm-eval in .venv-lmeval: runs examples/lm_eval/
-	"$(PY)" -m pytest
+	"$(PY)" -m pytest $(PYTEST_ARGS)
 
 # pip into a venv holding the newest transformers keeps it (.ci/install_keeps.py)
 check-install: setup
@@ -56,7 +59,7 @@ $(LOW_STAMP): pyproject.toml .ci/lowest_pins.py
 test-lowest: setup-lowest
 	PYTHON=$(SYSTEM_PY) bash tests/setup_peer.sh mergekit   # the parity tests' peer (shared with `make test`)
 	"$(LOW_PY)" .ci/lowest_pins.py --check   # the venv may have changed since its setup
-	"$(LOW_PY)" -m pytest $(CORE_TESTS)
+	"$(LOW_PY)" -m pytest $(PYTEST_ARGS) $(CORE_TESTS)
 
 # the zoo extra (gguf, accelerate): `make demo` converts SmolLM2's GGUF file
 ZOO_STAMP := $(VENV)/.slta-setup-zoo-$(shell printf '%s' "$(CURDIR)" | cksum | cut -d' ' -f1)
