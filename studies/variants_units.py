@@ -1,8 +1,8 @@
-"""`slta demo --variants` on the triple, its units in several processes, or only some of them (issue #26).
+"""`slta demo --variants` on the triple: some of its units, or all of them in processes started by hand (issue #26).
 
-`slta demo` runs the variants in its in-order pass, one unit after another (slta.demo.parallel), and
-on SmolLM2 a zoo's 24 units take about 4 hours of one core. This script makes the same merges with the
-same `slta.demo.variants.scores` calls, so the same cache keys: start it once per free core and each
+`slta demo --jobs N --variants` runs a zoo's variant units in its warm-up (slta.demo.parallel), but only as
+part of the whole study. This script runs the units alone, on the triple, with the same units and calls
+(slta.demo.variants.variant_units / run_unit), so the same cache keys: start it once per free core and each
 process claims the next unit not yet cached (a lock file per unit under OUT/claims), longest units first.
 A later `slta demo ... --variants` with the same --zoo/--out reads them all from the cache and prints the
 table. `--only` runs the units named (the rows of a zoo a study still lacks, e.g. on a rebuilt zoo);
@@ -12,7 +12,8 @@ table. `--only` runs the units named (the rows of a zoo a study still lacks, e.g
 
 ZOO_DIR: one zoo (e.g. zoo/smollm2-seed2); OUT_DIR: its demo folder (the demo's --out/KIND-seedN).
 A unit is "LEVEL|VARIANT" (a merge, test and validation) or "LEVEL|VARIANT×scale" (α × s for s in
-SCALES on validation, then the chosen s on test: slta.demo.variants.run_scaled), at calibration seed 0.
+SCALES on validation, then the chosen s on test), at calibration seed 0. On SmolLM2 a zoo's 24 units take
+about 190 core-minutes.
 """
 
 from __future__ import annotations
@@ -25,56 +26,26 @@ from pathlib import Path
 import numpy as np
 
 
-def units(demo) -> list[tuple[str, list[dict], bool]]:
-    """(name, merge configs, searched) per unit: as slta.demo.variants.run_variants / run_scaled make them."""
-    from slta.demo import variants as V
-
-    combo, out = demo.combos[-1], []
-    for level in V.variant_levels(demo.levels):
-        for name, extra in V.VARIANTS.items():
-            params = {"granularity": level, "num_samples": 30, "seed": 0, **extra}
-            out.append((f"{level}{V.SEP}{name}", [demo.merge_config("slta", combo, params)], False))
-        for name in V.SCALED:
-            params = {"granularity": level, "num_samples": 30, "seed": 0, **V.VARIANTS[name]}
-            cfgs = [demo.merge_config("slta", combo, {**params, **({"scale": s} if s != 1.0 else {})})
-                    for s in V.SCALES]
-            out.append((f"{level}{V.SEP}{name}{V.SEARCHED}", cfgs, True))
-    return out
-
-
 def cached(demo, cfg: dict, split: str) -> dict | None:
     key = demo.key({"config": cfg, "limit": demo.val_limit if split == "val" else None})
     path = demo.cache / f"eval-{key}-{split}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def chosen(demo, cfgs: list[dict]) -> tuple[dict, dict] | None:
-    """The searched unit's chosen config (first best validation average, as run_scaled) and its validation."""
-    vals = [cached(demo, c, "val") for c in cfgs]
+def chosen(demo, unit) -> tuple[dict, dict] | None:
+    """A unit's merge config (for a search, the scale slta.demo.variants.run_unit chooses) and its validation."""
+    from slta.demo.variants import first_best
+
+    vals = [cached(demo, c, "val") for c in unit.configs]
     if any(v is None for v in vals):
         return None
-    k = int(np.argmax([np.mean(list(v.values())) for v in vals]))
-    return cfgs[k], vals[k]
+    k = first_best([float(np.mean(list(v.values()))) for v in vals])
+    return unit.configs[k], vals[k]
 
 
 def done(demo, unit) -> bool:
-    _, cfgs, searched = unit
-    if searched:
-        best = chosen(demo, cfgs)
-        return best is not None and cached(demo, best[0], "test") is not None
-    return cached(demo, cfgs[0], "test") is not None and cached(demo, cfgs[0], "val") is not None
-
-
-def run(demo, unit) -> None:
-    from slta.demo.variants import scores
-
-    combo, (_, cfgs, searched) = demo.combos[-1], unit
-    if searched:
-        for c in cfgs:
-            scores(demo, c, combo, ("val",))
-        scores(demo, chosen(demo, cfgs)[0], combo, ("test", "val"))
-    else:
-        scores(demo, cfgs[0], combo, ("test", "val"))
+    best = chosen(demo, unit)
+    return best is not None and cached(demo, best[0], "test") is not None
 
 
 def claim(path: Path) -> bool:
@@ -100,6 +71,7 @@ def main() -> None:
     import torch
 
     from slta.demo import Demo
+    from slta.demo.variants import run_unit, variant_units
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("zoo")
@@ -111,35 +83,36 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)  # one process per core (slta.demo.parallel: 1.95x one process's throughput with two)
     demo = Demo(Path(a.zoo), Path(a.out), "default", "cpu", 1, False, {"slta"}, True, True, tuple(a.levels.split(",")))
-    todo = units(demo)
+    combo = demo.combos[-1]
+    todo = variant_units(demo, combo)
     if a.only:
-        unknown = set(a.only) - {u[0] for u in todo}
+        unknown = set(a.only) - {u.row for u in todo}
         if unknown:
-            raise SystemExit(f"variants_units: unknown units {sorted(unknown)}; known: {[u[0] for u in todo]}")
-        todo = [u for u in todo if u[0] in a.only]
+            raise SystemExit(f"variants_units: unknown units {sorted(unknown)}; known: {[u.row for u in todo]}")
+        todo = [u for u in todo if u.row in a.only]
     if a.status or a.table:
         for u in todo:
             if not a.table or not done(demo, u):
-                print(("done " if done(demo, u) else "todo ") + u[0])
+                print(("done " if done(demo, u) else "todo ") + u.row)
                 continue
-            cfg, val = chosen(demo, u[1]) if u[2] else (u[1][0], cached(demo, u[1][0], "val"))
+            cfg, val = chosen(demo, u)
             test = cached(demo, cfg, "test")
-            scale = f" s={cfg['parameters'].get('scale', 1.0)}" if u[2] else ""
+            scale = f" s={cfg['parameters'].get('scale', 1.0)}" if u.searched else ""
             avg = {s: 100 * np.mean(list(d.values())) for s, d in (("test", test), ("val", val))}
-            print(f"{u[0]}: test " + " / ".join(f"{t} {100 * v:.1f}" for t, v in test.items())
+            print(f"{u.row}: test " + " / ".join(f"{t} {100 * v:.1f}" for t, v in test.items())
                   + f" (avg {avg['test']:.1f}), val avg {avg['val']:.1f}{scale}")
         return
     # longest first (searches, refine, then the options with a second pass), so no process idles at the end
-    todo.sort(key=lambda u: (not u[2], "refine" not in u[0], not any(w in u[0] for w in ("trajectory", "autoscale"))))
+    todo.sort(key=lambda u: (not u.searched, "refine" not in u.row, not any(w in u.row for w in ("trajectory", "autoscale"))))
     claims = Path(a.out) / "claims"
     claims.mkdir(parents=True, exist_ok=True)
     for u in todo:
         if done(demo, u):
             continue
-        if not claim(claims / u[0].replace("|", "_")):
+        if not claim(claims / u.row.replace("|", "_")):
             continue
-        print(f"[{os.getpid()}] {u[0]}", flush=True)
-        run(demo, u)
+        print(f"[{os.getpid()}] {u.row}", flush=True)
+        run_unit(demo, u, combo)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,33 @@ def test_variants_rows_and_the_choice_on_validation(tmp_path, tiny_zoo):
     assert "chosen on the validation split" in proc.stdout and "with the scale search" in proc.stdout
 
 
+def test_a_variant_in_a_warm_up_worker_is_what_the_in_order_pass_reads(tmp_path, tiny_zoo, monkeypatch):
+    """With `--jobs` > 1 the `--variants` units run in the warm-up (slta.demo.parallel.plan lists them:
+    test_warm_up_plan_waits_only_where_a_result_is_needed): a unit run by a worker's run_unit is read back by slta.demo.variants.run_unit, which then
+    merges and evaluates nothing (the same configs, so the same cache keys)."""
+    import slta.evaluate
+    import slta.merge
+    from slta.demo import Demo
+    from slta.demo.parallel import run_unit
+    from slta.demo.variants import run_unit as run_variant
+    from slta.demo.variants import variant_units
+
+    from slta.demo.zoos import build_zoos
+
+    zoo = build_zoos(tiny_zoo, "tiny", ("chat",), [0], None, 1, False, 1)[("chat", 0)][0]  # or the one built before
+    args = (zoo, tmp_path / "demo", "tiny", "cpu", 1, False, {"slta"}, True, True, ("layer",))
+    triple = Demo(*args).combos[-1]
+    unit = next(u for u in variant_units(Demo(*args), triple) if u.row == "layer|response")
+    run_unit(Demo, args, None, False, ("variant", triple, unit.row))
+
+    def refuse(*a, **k):
+        raise AssertionError("the in-order pass merged or evaluated a variant the worker had run")
+    for module, name in ((slta.merge, "run_merge"), (slta.evaluate, "evaluate")):
+        monkeypatch.setattr(module, name, refuse)
+    got = run_variant(Demo(*args), unit, triple)
+    assert set(got) == {"seed", "test", "val"} and set(got["test"]) == set(triple)
+
+
 def test_choice_on_validation_takes_the_best_validation_row_not_the_best_test_row():
     from slta.demo.variants import chosen_by_validation
 
@@ -364,6 +391,7 @@ def test_warm_up_plan_waits_only_where_a_result_is_needed():
     everything else is ready at once, auto_task at the strength levels only."""
     from slta.demo import COMBOS, DATA_METHODS, baseline_grids
     from slta.demo.parallel import plan
+    from slta.demo.variants import variant_units
 
     grids = baseline_grids("tiny", True)
     chosen_calls = []
@@ -374,7 +402,7 @@ def test_warm_up_plan_waits_only_where_a_result_is_needed():
 
     for diagnose in (False, True):
         demo = SimpleNamespace(size="tiny", extra_baselines=True, combos=COMBOS, levels=("layer", "attn_mlp"),
-                               strength_levels=("attn_mlp",), seeds=[0], diagnose=diagnose, ta_lambda=None,
+                               strength_levels=("attn_mlp",), seeds=[0], diagnose=diagnose, ta_lambda=None, variants=False,
                                methods={"weight_average", "task_arithmetic", "regmean_plusplus", "slta"}, chosen=chosen,
                                merge_config=lambda m, c, p: {"models": [{"data": "x"} if m in DATA_METHODS else {}]},
                                grids=lambda: {m: g for m, g in grids.items()
@@ -400,6 +428,31 @@ def test_warm_up_plan_waits_only_where_a_result_is_needed():
         assert tests == {(m, c) for m in methods if len(grids[m]) > 1 for c in COMBOS} != set()
         assert [u for u in ready if u[0] == "test"] == [("test", m, c, grids[m][0]) for m in methods
                                                         if len(grids[m]) == 1 for c in COMBOS]
+    # --variants: every unit ready at once, a scale search as one unit
+    demo.variants = True
+    ready, _ = plan(demo, ())
+    rows = [u.row for u in variant_units(demo, COMBOS[0])]
+    assert [u for u in ready if u[0] == "variant"] == [("variant", c, r) for c in COMBOS for r in rows]
+
+
+def test_variant_units_make_each_row_once_and_the_scale_search():
+    """slta.demo.variants.variant_units: one merge per variant and level (calibration seed 0), one config per
+    scale for a search (1.0 is the variant's own config); run_unit picks the first best validation."""
+    from slta.demo.variants import SCALED, SCALES, VARIANTS, first_best, variant_units
+
+    demo = SimpleNamespace(levels=("layer", "attn_mlp", "model"),
+                           merge_config=lambda m, c, p: {"merge_method": m, "tasks": c, "parameters": p})
+    units = variant_units(demo, ("math", "code"))
+    assert [u.row for u in units] == [f"{lv}|{v}" for v in VARIANTS for lv in ("layer", "attn_mlp")] + [
+        f"{lv}|{v}×scale" for v in SCALED for lv in ("layer", "attn_mlp")]
+    by_row = {u.row: u for u in units}
+    assert by_row["attn_mlp|response+merged"].configs == [{"merge_method": "slta", "tasks": ("math", "code"), "parameters": {
+        "granularity": "attn_mlp", "num_samples": 30, "seed": 0, "tokens": "response", "inputs": "merged"}}]
+    search = by_row["layer|response×scale"]
+    assert search.searched and not by_row["layer|response"].searched
+    assert search.configs[0] == by_row["layer|response"].configs[0]
+    assert [c["parameters"].get("scale", 1.0) for c in search.configs] == list(SCALES)
+    assert first_best([0.2, 0.5, 0.5, 0.1]) == 1
 
 
 def test_strength_options_pick_the_rows(monkeypatch):

@@ -7,14 +7,15 @@ are the same calls with the same keys, so the results are the ones the in-order 
 the wall time changes. Some units wait for others' results:
 
 - ready at once: the base's and the fine-tunes' evaluations, every baseline grid point on the validation
-  split, the baselines with nothing to choose, the `auto_task` merges (`--strength auto_task`), and
-  slta's merges when there are no diagnostics;
+  split, the baselines with nothing to choose, the `auto_task` merges (`--strength auto_task`), the
+  `--variants` rows (slta.demo.variants.variant_units: a scale search is one unit), and slta's merges when
+  there are no diagnostics;
 - a baseline's test run waits for its grid's validation runs (it needs the chosen point), and slta's
   merges wait for task arithmetic's on the triple when they are diagnosed (the diagnostics' λ).
 
 A free process takes the ready unit with the longest chain ahead of it (its cost plus what waits for it),
 so that no process idles at the end while the other finishes a long unit that could have started earlier.
-The validation sweeps of `--strength per_task` / `ta_per_task`, `--variants` and `--ablations` stay in
+The validation sweeps of `--strength per_task` / `ta_per_task` and `--ablations` stay in
 the in-order pass: each step there depends on the one before. Why processes and not threads: greedy
 decoding of SmolLM2 measured 1.95x one process's throughput with two one-thread processes, 1.58x with
 one two-thread process (README, "make demo").
@@ -30,8 +31,11 @@ from typing import Any, Callable
 from tqdm.auto import tqdm
 
 from slta.demo.table import COMBOS, TASKS
+from slta.demo.variants import SEARCHED, variant_units
+from slta.demo.variants import run_unit as run_variant
 
 Unit = tuple  # ("ref", name) | ("val" | "test", method, combo, params) | ("slta", level, seed) | ("auto_task", level, combo, mode)
+#               | ("variant", combo, row)
 
 
 @dataclass
@@ -54,6 +58,8 @@ def plan(demo: Any, strength: tuple[str, ...]) -> tuple[list[Unit], list[Later]]
         if mode in strength and with_slta:
             ready += [("auto_task", level, combo, mode) for combo in demo.combos for level in demo.strength_levels]
     ready += [("ref", name) for name in ("base", *TASKS)]
+    if demo.variants and with_slta:
+        ready += [("variant", combo, u.row) for combo in demo.combos for u in variant_units(demo, combo)]
     later: list[Later] = []
     vals: dict[tuple[str, tuple[str, ...]], set[int]] = {}
     for method, grid in grids.items():
@@ -103,6 +109,9 @@ def run_unit(make_demo: Any, demo_args: tuple, ta_lambda: float | None, diagnose
     elif kind == "auto_task":
         from slta.demo.strength import auto_task
         auto_task(demo, *rest)
+    elif kind == "variant":
+        combo, row = rest
+        run_variant(demo, next(u for u in variant_units(demo, combo) if u.row == row), combo)
     else:
         raise ValueError(f"unknown unit {unit!r}")
     return demo.generation
@@ -110,9 +119,15 @@ def run_unit(make_demo: Any, demo_args: tuple, ta_lambda: float | None, diagnose
 
 def cost(demo: Any, unit: Unit) -> float:
     """A unit's rough cost, in validation runs of a weight-only merge (about 0.9 min on SmolLM2: `make demo`'s
-    log has an `auto_task` merge at 8.5 min, slta's at 3.4, a RegMean++ validation run at about 3), so that the
-    bar's time left does not count unequal units as equal."""
+    log has an `auto_task` merge at 8.5 min, slta's at 3.4, a RegMean++ validation run at about 3; a `--variants`
+    scale search 14-16 min, `refine: 2` 17-19, the options with a second pass 6-8, the others about 4), so that
+    the bar's time left does not count unequal units as equal."""
     kind, *rest = unit
+    if kind == "variant":
+        row = rest[1]
+        if row.endswith(SEARCHED):
+            return 17.0
+        return 20.0 if "refine" in row else 8.0 if any(w in row for w in ("merged", "trajectory", "autoscale")) else 5.0
     if kind in ("val", "test"):
         reads_data = "data" in demo.merge_config(rest[0], rest[1], {})["models"][0]  # a merge with forward passes
         return (1.0 if kind == "val" else 1.6) + (2.0 if reads_data else 0.0)
@@ -125,6 +140,8 @@ def describe(unit: Unit) -> str:
         return f"{rest[0]} {'+'.join(rest[1])} {rest[2]} ({kind})"
     if kind == "auto_task":
         return f"slta {rest[0]} {rest[2]} {'+'.join(rest[1])}"
+    if kind == "variant":
+        return f"slta {rest[1]} {'+'.join(rest[0])}"
     return {"ref": lambda: f"{rest[0]} (test)", "slta": lambda: f"slta {rest[0]} seed {rest[1]}"}[kind]()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,7 +29,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "response+autoscale": {"tokens": "response", "scale": "auto"},
 }
 VARIANT_LEVELS = ("layer", "attn_mlp")
-VARIANT_SEEDS = (0,)
 SEP = "|"  # results["slta"] keys: "LEVEL" (the paper) or "LEVEL|VARIANT"
 # The fallback of issue #16, a one-parameter search like task arithmetic's λ: every α times s, with s
 # chosen on the validation split per combination (1.0 included), for the variants whose α come from
@@ -39,13 +38,35 @@ SCALED = ("paper", "response")
 SEARCHED = "×scale"
 
 
+class Unit(NamedTuple):
+    """One `--variants` row on one combination, at calibration seed 0: one merge, or (`searched`) a scale
+    search, one config per SCALES in order."""
+    row: str  # "LEVEL|VARIANT" or "LEVEL|VARIANT×scale"
+    configs: list[dict[str, Any]]
+    searched: bool
+
+
 def variant_levels(levels: tuple[str, ...]) -> tuple[str, ...]:
     """The levels the variants (and --strength) run at: VARIANT_LEVELS among a run's --levels."""
     return tuple(lv for lv in VARIANT_LEVELS if lv in levels)
 
 
+def variant_units(demo, combo: tuple[str, ...]) -> list[Unit]:
+    """Every `--variants` unit on `combo`, in the table's row order: each variant at each level, then the
+    scale searches. The one place their merge configs are made (the demo, its warm-up, studies/)."""
+    levels = variant_levels(demo.levels)
+    params = lambda level, name: {"granularity": level, "num_samples": 30, "seed": 0, **VARIANTS[name]}  # noqa: E731
+    units = [Unit(f"{level}{SEP}{name}", [demo.merge_config("slta", combo, params(level, name))], False)
+             for name in VARIANTS for level in levels]
+    units += [Unit(f"{level}{SEP}{name}{SEARCHED}",
+                   [demo.merge_config("slta", combo, {**params(level, name), **({"scale": s} if s != 1.0 else {})})
+                    for s in SCALES], True)
+              for name in SCALED for level in levels]
+    return units
+
+
 def n_variant_steps(n_combos: int, levels: tuple[str, ...]) -> int:
-    return (len(VARIANTS) + len(SCALED)) * len(variant_levels(levels)) * len(VARIANT_SEEDS) * n_combos
+    return (len(VARIANTS) + len(SCALED)) * len(variant_levels(levels)) * n_combos
 
 
 def scores(demo, cfg: dict[str, Any], combo: tuple[str, ...], splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -66,43 +87,31 @@ def scores(demo, cfg: dict[str, Any], combo: tuple[str, ...], splits: tuple[str,
     return {s: json.loads(p.read_text()) for s, p in paths.items()}
 
 
+def first_best(vals: list[float]) -> int:
+    """The scale search's choice: the best validation average, the smallest scale among ties."""
+    return int(np.argmax(vals))
+
+
+def run_unit(demo, unit: Unit, combo: tuple[str, ...]) -> dict[str, Any]:
+    """A unit's run: {"seed", "test", "val"}, or {"seed", "test"} for a variant on a pair (validation is
+    for choosing, on the triple), or {"seed", "scale", "test", "val"} for a search (every combination)."""
+    if not unit.searched:
+        splits = ("test", "val") if combo == demo.combos[-1] else ("test",)
+        return {"seed": 0, **scores(demo, unit.configs[0], combo, splits)}
+    vals = [float(np.mean(list(scores(demo, c, combo, ("val",))["val"].values()))) for c in unit.configs]
+    k = first_best(vals)
+    return {"seed": 0, "scale": SCALES[k], **scores(demo, unit.configs[k], combo, ("test", "val"))}
+
+
 def run_variants(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{"LEVEL|VARIANT": {"math+code": [{"seed", "test"(, "val")}], ...}} for every variant."""
-    triple = demo.combos[-1]
+    """{"LEVEL|VARIANT": {"math+code": [run], ...}} for every unit (run_unit); from the cache where
+    slta.demo.parallel's warm-up or studies/variants_units.py made them."""
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for name, extra in VARIANTS.items():
-        for level in variant_levels(demo.levels):
-            for seed in VARIANT_SEEDS:
-                for combo in demo.combos:
-                    bar.set_postfix_str(f"slta {level} {name} {'+'.join(combo)}")
-                    cfg = demo.merge_config("slta", combo, {"granularity": level, "num_samples": 30, "seed": seed, **extra})
-                    got = scores(demo, cfg, combo, ("test", "val") if combo == triple else ("test",))
-                    results.setdefault(f"{level}{SEP}{name}", {}).setdefault("+".join(combo), []).append(
-                        {"seed": seed, **got})
-                    bar.update()
-    results.update(run_scaled(demo, bar))
-    return results
-
-
-def run_scaled(demo, bar) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """{"LEVEL|VARIANT×scale": {"math+code": [{"seed", "scale", "test", "val"}], ...}}: the scale of every
-    α chosen on each combination's validation split from SCALES (the fallback; see SCALES)."""
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for name in SCALED:
-        for level in variant_levels(demo.levels):
-            for combo in demo.combos:
-                bar.set_postfix_str(f"slta {level} {name} scale {'+'.join(combo)}")
-                best = None
-                params = {"granularity": level, "num_samples": 30, "seed": 0, **VARIANTS[name]}
-                for s in SCALES:
-                    cfg = demo.merge_config("slta", combo, {**params, **({"scale": s} if s != 1.0 else {})})
-                    val = float(np.mean(list(scores(demo, cfg, combo, ("val",))["val"].values())))
-                    if best is None or val > best[0]:
-                        best = (val, s, cfg)
-                got = scores(demo, best[2], combo, ("test", "val"))
-                results.setdefault(f"{level}{SEP}{name}{SEARCHED}", {})["+".join(combo)] = [
-                    {"seed": 0, "scale": best[1], **got}]
-                bar.update()
+    for combo in demo.combos:
+        for unit in variant_units(demo, combo):
+            bar.set_postfix_str(f"slta {unit.row} {'+'.join(combo)}")
+            results.setdefault(unit.row, {})["+".join(combo)] = [run_unit(demo, unit, combo)]
+            bar.update()
     return results
 
 
