@@ -27,8 +27,9 @@ import numpy as np
 
 
 def cached(demo, cfg: dict, split: str) -> dict | None:
-    key = demo.key({"config": cfg, "limit": demo.val_limit if split == "val" else None})
-    path = demo.cache / f"eval-{key}-{split}.json"
+    from slta.demo.variants import eval_path
+
+    path = eval_path(demo, cfg, split)
     return json.loads(path.read_text()) if path.exists() else None
 
 

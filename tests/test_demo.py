@@ -259,15 +259,15 @@ def test_variants_rows_and_the_choice_on_validation(tmp_path, tiny_zoo):
 
 def test_a_variant_in_a_warm_up_worker_is_what_the_in_order_pass_reads(tmp_path, tiny_zoo, monkeypatch):
     """With `--jobs` > 1 the `--variants` units run in the warm-up (slta.demo.parallel.plan lists them:
-    test_warm_up_plan_waits_only_where_a_result_is_needed): a unit run by a worker's run_unit is read back by slta.demo.variants.run_unit, which then
-    merges and evaluates nothing (the same configs, so the same cache keys)."""
+    test_warm_up_plan_waits_only_where_a_result_is_needed): a unit run by a worker's run_unit is read back
+    by slta.demo.variants.run_unit, which then merges and evaluates nothing (the same configs, so the same
+    cache keys)."""
     import slta.evaluate
     import slta.merge
     from slta.demo import Demo
     from slta.demo.parallel import run_unit
     from slta.demo.variants import run_unit as run_variant
     from slta.demo.variants import variant_units
-
     from slta.demo.zoos import build_zoos
 
     zoo = build_zoos(tiny_zoo, "tiny", ("chat",), [0], None, 1, False, 1)[("chat", 0)][0]  # or the one built before

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -69,12 +70,22 @@ def n_variant_steps(n_combos: int, levels: tuple[str, ...]) -> int:
     return (len(VARIANTS) + len(SCALED)) * len(variant_levels(levels)) * n_combos
 
 
+def eval_key(demo, cfg: dict[str, Any], split: str) -> str:
+    """The cache key of a merge's evaluation on one split, as Demo.merged_scores makes it (no tag)."""
+    return demo.key({"config": cfg, "limit": demo.val_limit if split == "val" else None})
+
+
+def eval_path(demo, cfg: dict[str, Any], split: str) -> Path:
+    """Where that evaluation is cached."""
+    return demo.cache / f"eval-{eval_key(demo, cfg, split)}-{split}.json"
+
+
 def scores(demo, cfg: dict[str, Any], combo: tuple[str, ...], splits: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Merge once, evaluate on each split (cached per split like Demo.merged_scores)."""
     from slta.merge import run_merge
 
-    keys = {s: demo.key({"config": cfg, "limit": demo.val_limit if s == "val" else None}) for s in splits}
-    paths = {s: demo.cache / f"eval-{k}-{s}.json" for s, k in keys.items()}
+    keys = {s: eval_key(demo, cfg, s) for s in splits}
+    paths = {s: eval_path(demo, cfg, s) for s in splits}
     todo = [s for s in splits if not paths[s].exists()]
     if todo:
         folder = demo.work / keys[todo[0]]
